@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in COMMAND_MODULES:
         if importlib.util.find_spec(mod) is not None:
-            importlib.import_module(mod).add_cli(sub)
+            module = importlib.import_module(mod)
+            if hasattr(module, "add_cli"):
+                module.add_cli(sub)
     return parser
 
 
