@@ -262,6 +262,7 @@ class TokenizedData:
     labels: list[int] | None  # classification labels; None for causal-LM (labels = inputs)
     pad_id: int
     causal: bool = False
+    example_ids: bool = False  # collate adds an ``example_ids`` (B,) tensor (distillation looks up cached teacher outputs by it)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -398,6 +399,8 @@ def collate(data: TokenizedData, idx: Sequence[int]) -> dict[str, torch.Tensor]:
         out["labels"] = labels
     elif data.labels is not None:
         out["labels"] = torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
+    if data.example_ids:
+        out["example_ids"] = torch.tensor(list(idx), dtype=torch.long)
     return out
 
 
