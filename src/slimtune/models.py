@@ -111,6 +111,9 @@ def load_model(name: str, task: str, *, label_names: list[str] | None = None,
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve(name)
+    custom = load_method_format(path, task, dtype)
+    if custom is not None:  # a folder in a method's own format (bottleneck adapters, shared layers)
+        return custom
     torch_dtype = getattr(torch, dtype)
     kw: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     try:
@@ -130,6 +133,28 @@ def load_model(name: str, task: str, *, label_names: list[str] | None = None,
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def load_method_format(path: str, task: str, dtype: str = "float32") -> Any | None:
+    """Load a folder written in a method's own format, or return None for a plain folder.
+
+    Such a folder has a ``slimtune_method.json`` sidecar naming the method; the method's
+    ``load_exported(path, task, dtype)`` rebuilds the model (plain transformers cannot).
+    """
+    sidecar = Path(path) / "slimtune_method.json"
+    if not sidecar.is_file():
+        return None
+    import json
+
+    from slimtune.methods import get_method, method_names
+
+    try:
+        name = json.loads(sidecar.read_text())["method"]
+    except (ValueError, KeyError, TypeError):
+        raise ModelError(f"{sidecar}: not a valid slimtune method sidecar (needs a 'method' key)") from None
+    if name not in method_names() or not hasattr(get_method(name), "load_exported"):
+        raise ModelError(f"{sidecar}: method {name!r} has no loader in this slimtune")
+    return get_method(name).load_exported(Path(path), task, dtype)
 
 
 def label_names_of(model: Any) -> list[str]:
