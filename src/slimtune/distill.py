@@ -286,7 +286,7 @@ def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
     # --- teacher quality on the eval data (cached for classifiers: computed once per teacher+data)
     result: dict[str, Any] = {"task": m.task, "method": recipe.method_name, "teacher": m.name,
                               "teacher_params": count_params(teacher), "student_layer_map": kept,
-                              "alpha": dcfg.alpha, "temperature": dcfg.temperature,
+                              "alpha": dcfg.alpha, "temperature": dcfg.temperature, "kl_direction": dcfg.kl_direction,
                               "intermediate": dcfg.intermediate,
                               "teacher_cache": train_cache.status if train_cache else "off"}
     if Path(teacher_path).is_dir():

