@@ -231,6 +231,8 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
         group_by_length: batch examples of similar length together (see data.epoch_batches).
     """
     device = next(model.parameters()).device
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
