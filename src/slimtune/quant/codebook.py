@@ -101,7 +101,11 @@ def encode_kmeans(w: torch.Tensor, bits: int = 4, granularity: str = "channel",
         rows = w.detach()
     else:
         raise ValueError(f"k-means granularity must be tensor or channel, got {granularity!r}")
-    cent, codes = kmeans_1d(rows, 2 ** bits, iters)
+    cent, _ = kmeans_1d(rows, 2 ** bits, iters)
+    # Stored in float16 (a per-row codebook is 2**bits values per row: halves its overhead);
+    # codes are re-assigned against the rounded values, so the file is exactly what was used.
+    cent = cent.half()
+    codes = nearest_code(rows.float(), cent.float())
     meta = {"kind": "kmeans", "bits": bits, "granularity": granularity, "shape": list(w.shape),
             "dtype": str(w.dtype).removeprefix("torch.")}
     return meta, {"qdata": pack_bits(codes, bits), "codebook": cent.contiguous()}

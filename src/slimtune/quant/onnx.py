@@ -17,9 +17,13 @@ Every export is checked for parity against torch on inputs of another shape, wit
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,18 @@ ONNX_SIDECAR = "onnx.json"
 # ORT's optimizer model types by HF model_type (encoders whose graphs match its BERT fusions).
 ORT_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert",
                    "electra": "bert", "mpnet": "bert", "camembert": "bert"}
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence tracer warnings and ORT's optimizer/quantizer logging (a quiet library)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -86,7 +102,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, exporter: st
     ex = _example_inputs(model)
     names = list(ex)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), quiet():
         if exporter == "legacy":
             axes = {n: {0: "batch", 1: "sequence"} for n in names}
             torch.onnx.export(wrapper, tuple(ex.values()), str(path), dynamo=False, input_names=names,
@@ -124,9 +140,10 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, config: Any) -
 
         shutil.copyfile(src, dst)
         return {}
-    opt = optimize_model(str(src), model_type=mtype, num_heads=int(config.num_attention_heads),
-                         hidden_size=int(config.hidden_size), optimization_options=FusionOptions(mtype),
-                         opt_level=0)
+    with quiet():
+        opt = optimize_model(str(src), model_type=mtype, num_heads=int(config.num_attention_heads),
+                             hidden_size=int(config.hidden_size), optimization_options=FusionOptions(mtype),
+                             opt_level=0)
     opt.save_model_to_file(str(dst))
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
 
@@ -142,9 +159,10 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if quantize_embeddings else [])
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, per_channel=per_channel,
-                     reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1})  # 1 = FLOAT: fused contrib ops defeat shape inference
+    with quiet():
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, per_channel=per_channel,
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1})  # 1 = FLOAT: fused contrib ops defeat shape inference
     return {"per_channel": per_channel, "quantized_ops": ops, "reduce_range": reduce_range}
 
 
