@@ -280,7 +280,7 @@ def test_causal_kd_forward_reverse(direction: str, tmp_path: Path) -> None:
     torch.testing.assert_close(kd, manual, atol=1e-5, rtol=1e-4)
     first = float(kd.detach())
     _train(student, loss_fn, data, tmp_path / direction, steps=15)
-    assert float(loss_fn(student, dict(batch))) < first
+    assert float(loss_fn(student, dict(batch)).detach()) < first
 
 
 def test_distill_config_validation() -> None:
@@ -338,3 +338,19 @@ def test_cli_distill_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert json.loads((tmp_path / "s4" / "metrics.json").read_text())["teacher_cache"] == "hit"
     # Bad input: a clear error naming the key, exit code 2.
     assert main([*common, "--output", str(tmp_path / "bad"), "--alpha", "2"]) == 2
+
+
+@pytest.mark.slow
+def test_real_minilm_student_from_packaged_encoder() -> None:
+    """MiniLM-L6 (packaged): 6 kept layers reproduce it; 3 kept layers carry layers 0, 2, 5."""
+    from slimtune.models import load_model, load_tokenizer
+
+    teacher = load_model("minilm", "classification", label_names=["0", "1"]).eval()
+    tok = load_tokenizer("minilm")
+    enc = tok(["a charming and moving film", "dull"], padding=True, return_tensors="pt")
+    full, _ = build_student(teacher, layers=6)
+    with torch.no_grad():
+        torch.testing.assert_close(full.eval()(**enc).logits, teacher(**enc).logits)
+    small, kept = build_student(teacher, layers=3)
+    assert kept == [0, 2, 5] and small.config.num_hidden_layers == 3
+    assert torch.equal(small.bert.encoder.layer[2].output.dense.weight, teacher.bert.encoder.layer[5].output.dense.weight)
