@@ -323,6 +323,27 @@ def test_onnx_folder_served_like_torch(bert_dir: Path, bert_runner: Runner, tmp_
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
 
 
+def test_quantized_folder_served(bert_dir: Path, bert_runner: Runner, tmp_path: Path) -> None:
+    quantize = pytest.importorskip("slimtune.quantize")
+    if not hasattr(quantize, "load_classifier"):
+        pytest.skip("slimtune.quantize has no load_classifier yet")
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+    cfg = quantize.Int8WeightConfig()
+    quantize.quantize_(model, cfg)
+    d = quantize.save_quantized(model, tmp_path / "q", cfg, bert_runner.tokenizer)
+    runner = load_runner(str(d))
+    assert runner.backend == "torch-quantized"
+    texts = ["a good movie", "the plot was boring"]
+    with TestClient(create_app(runner)) as c:
+        got = c.post("/v1/classify", json={"texts": texts}).json()["results"]
+    with TestClient(create_app(bert_runner)) as c:
+        ref = c.post("/v1/classify", json={"texts": texts}).json()["results"]
+    for a, b in zip(got, ref, strict=True):  # int8 weights: close to fp32, not equal
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=0.05)
+
+
 def test_cli_registers_serve() -> None:
     from slimtune.cli import build_parser
 

@@ -20,6 +20,7 @@ onnxruntime are imported where used.
 import asyncio
 import hmac
 import json
+import logging
 import queue
 import threading
 import time
@@ -121,7 +122,43 @@ def _max_length(model_dir: Path, cfg: dict[str, Any], tokenizer: Any) -> int:
     return int(min(x for x in limits if isinstance(x, int) and x > 0))
 
 
-def _torch_classifier(model_dir: Path, threads: int | None) -> Any:
+def _classifier(model_dir: Path, threads: int | None) -> Any:
+    """``logits(batch)`` for a classifier folder.
+
+    Prefers ``slimtune.quantize.load_classifier`` (one loader for every slimtune output: ONNX,
+    quantized ``quantization.json`` folders, plain HF); falls back to torch / onnxruntime
+    directly when that module is absent.
+    """
+    import numpy as np
+
+    try:
+        from slimtune.quantize import load_classifier
+    except ImportError:
+        load_classifier = None
+    if load_classifier is not None:
+        clf = load_classifier(model_dir, threads)  # (input_ids, attention_mask, token_type_ids) -> logits
+
+        def logits_any(batch: dict[str, Any]) -> Any:
+            out = clf(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+            return out.float().numpy() if hasattr(out, "numpy") else np.asarray(out)
+
+        return logits_any
+    if (model_dir / "model.onnx").is_file():
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        out_names = [o.name for o in sess.get_outputs()]
+        out_name = "logits" if "logits" in out_names else out_names[0]
+
+        def logits_ort(batch: dict[str, Any]) -> Any:
+            feed = {n: batch.get(n, np.zeros_like(batch["input_ids"])) for n in names}
+            return np.asarray(sess.run([out_name], feed)[0], dtype=np.float32)
+
+        return logits_ort
     import inspect
 
     import torch
@@ -133,53 +170,12 @@ def _torch_classifier(model_dir: Path, threads: int | None) -> Any:
     model = load_model(str(model_dir), "classification").eval()
     accepted = set(inspect.signature(model.forward).parameters)
 
-    def logits(batch: dict[str, Any]) -> Any:
+    def logits_torch(batch: dict[str, Any]) -> Any:
         feed = {k: torch.from_numpy(v) for k, v in batch.items() if k in accepted}
         with torch.inference_mode():
             return model(**feed).logits.float().numpy()
 
-    return logits
-
-
-def _onnx_classifier(model_dir: Path, threads: int | None) -> Any:
-    """Prefer slimtune.quantize.load_onnx_classifier (one ONNX loader for the project)."""
-    import numpy as np
-
-    try:
-        from slimtune.quantize import load_onnx_classifier
-    except ImportError:
-        load_onnx_classifier = None
-    if load_onnx_classifier is not None:
-        import os
-
-        import torch
-
-        if threads:
-            os.environ["SLIMTUNE_THREADS"] = str(threads)  # read by slimtune's ORT sessions
-        clf = load_onnx_classifier(str(model_dir))
-
-        def logits_q(batch: dict[str, Any]) -> Any:
-            out = clf(**{k: torch.from_numpy(v) for k, v in batch.items()})
-            out = getattr(out, "logits", out)
-            return out.float().numpy() if hasattr(out, "numpy") and hasattr(out, "float") else np.asarray(out)
-
-        return logits_q
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    out_names = [o.name for o in sess.get_outputs()]
-    out_name = "logits" if "logits" in out_names else out_names[0]
-
-    def logits(batch: dict[str, Any]) -> Any:
-        ids = batch["input_ids"]
-        feed = {n: batch.get(n, np.zeros_like(ids)) for n in names}
-        return np.asarray(sess.run([out_name], feed)[0], dtype=np.float32)
-
-    return logits
+    return logits_torch
 
 
 def _torch_generator(model_dir: Path, threads: int | None, pad_id: int) -> Any:
@@ -207,8 +203,9 @@ def _torch_generator(model_dir: Path, threads: int | None, pad_id: int) -> Any:
 def load_runner(model_dir: str, threads: int | None = None) -> Runner:
     """Load any slimtune output folder behind the Runner interface.
 
-    ``model.onnx`` present -> ONNX Runtime classifier; otherwise transformers (classification or
-    causal LM, read from ``config.json`` ``architectures``). Raises FileNotFoundError/ValueError
+    Classifiers: ``model.onnx`` -> ONNX Runtime, ``quantization.json`` -> slimtune's quantized
+    torch model, else transformers. Causal LMs (``architectures`` ending in ForCausalLM) run in
+    transformers. Raises FileNotFoundError/ValueError
     with the folder named when it cannot be served.
     """
     from slimtune.evaluate import model_task
@@ -230,11 +227,12 @@ def load_runner(model_dir: str, threads: int | None = None) -> Runner:
         n_pos = cfg.get("max_position_embeddings") or 2048
         return Runner("causal-lm", "torch", tok, max_length=int(n_pos),
                       generate=_torch_generator(d, threads, pad), eos_ids=eos_ids)
-    onnx = (d / "model.onnx").is_file()
-    logits = _onnx_classifier(d, threads) if onnx else _torch_classifier(d, threads)
-    return Runner("classification", "onnxruntime" if onnx else "torch", tok, _max_length(d, cfg, tok),
+    backend = ("onnxruntime" if (d / "model.onnx").is_file()
+               else "torch-quantized" if (d / "quantization.json").is_file() else "torch")
+    return Runner("classification", backend, tok, _max_length(d, cfg, tok),
                   label_names=_label_names(cfg),
-                  multi_label=cfg.get("problem_type") == "multi_label_classification", logits=logits)
+                  multi_label=cfg.get("problem_type") == "multi_label_classification",
+                  logits=_classifier(d, threads))
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,6 +423,7 @@ class Batcher:
             try:
                 results = self._run(batch)
             except Exception:  # find the request that breaks the batch; the others still succeed
+                logging.getLogger("slimtune.serve").exception("batch of %d requests failed", len(batch))
                 with self.metrics._lock:
                     self.metrics.batch_errors += 1
                 if len(batch) == 1:
@@ -533,7 +532,7 @@ class _Guard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
+        t0, status = time.perf_counter(), [0]  # 0: no response started yet
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else "other"
         self.metrics.in_flight += 1
@@ -563,7 +562,8 @@ class _Guard:
 
             await self.app(scope, receive_replay, send_wrapped)
         except Exception:
-            if status[0] == 500:  # nothing sent yet
+            logging.getLogger("slimtune.serve").exception("unhandled error on %s", path)
+            if not status[0]:
                 await _send_json(send_wrapped, 500, "internal_error", "unexpected server error")
         finally:
             self.metrics.in_flight -= 1
@@ -731,8 +731,6 @@ def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str =
 
 def cmd_serve(args: Any) -> int:
     """Load the model, warm it up, and serve until interrupted."""
-    import logging
-
     import uvicorn
 
     cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})

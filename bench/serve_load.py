@@ -1,0 +1,237 @@
+"""Load test of ``slimtune serve``: dynamic batching vs one-request-one-forward, side by side.
+
+Starts two servers on free loopback ports from the same model folder, one with dynamic batching
+(``--max-batch-size 32``) and one with ``--max-batch-size 1``, then sends single-text requests
+(real SST-2 test sentences) at a fixed concurrency with httpx. Rounds alternate between the two
+servers (rotating who goes first), so CPU drift hits both alike. Bounded by request count and by
+a wall-clock limit. Also times the bare model (slimtune.bench.measure_latency) at batch 1 vs
+batch 32 per row, the ceiling that batching can reach.
+
+    flock /tmp/slimtune-heavy.lock python bench/serve_load.py --model /work/artifacts/minilm-sst2
+
+Prints a Markdown table; writes ``serve_load.json`` (and the server logs) to ``--output``.
+Loopback only: the servers bind 127.0.0.1 and the client talks to nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def read_texts(path: str, n: int) -> list[str]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    col = header.index("sentence") if "sentence" in header else 0
+    texts = [ln.split("\t")[col] for ln in lines[1:] if ln.strip()]
+    return (texts * (n // max(len(texts), 1) + 1))[:n]
+
+
+def start_server(model: str, max_batch: int, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "slimtune.cli", "serve", "--model", model, "--host", HOST, "--port", str(port),
+           "--max-batch-size", str(max_batch), "--max-wait-ms", str(args.max_wait_ms),
+           "--max-queue", str(args.max_queue), "--log-level", "warning"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLIMTUNE_NO_PROGRESS": "1"}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    return proc, f"http://{HOST}:{port}"
+
+
+async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    async with httpx.AsyncClient() as c:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server for {url} exited with {proc.returncode}; see its log")
+            try:
+                if (await c.get(f"{url}/healthz", timeout=2)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.3)
+    raise TimeoutError(f"{url} not healthy after {timeout} s")
+
+
+async def load(url: str, texts: list[str], concurrency: int, deadline: float) -> dict[str, Any]:
+    """Send one request per text, ``concurrency`` at a time; stop early at ``deadline``."""
+    import httpx
+
+    lat: list[float] = []
+    status: dict[str, int] = {}
+    nxt = iter(range(len(texts)))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def worker(c: httpx.AsyncClient) -> None:
+        for i in nxt:
+            if time.time() > deadline:
+                return
+            t0 = time.perf_counter()
+            try:
+                r = await c.post("/v1/classify", json={"texts": [texts[i]]})
+                key = str(r.status_code)
+            except httpx.HTTPError as e:
+                key = type(e).__name__
+            lat.append((time.perf_counter() - t0) * 1000)
+            status[key] = status.get(key, 0) + 1
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"lat": lat, "status": status, "wall": wall}
+
+
+async def scrape(url: str) -> dict[str, float]:
+    import httpx
+
+    async with httpx.AsyncClient() as c:
+        text = (await c.get(f"{url}/metrics")).text
+    out = {}
+    for name in ("slimtune_batch_size_sum", "slimtune_batch_size_count"):
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    out["server_5xx"] = sum(float(v) for v in re.findall(r'^slimtune_requests_total\{[^}]*status="5\d\d"\} (\S+)$', text, re.M))
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def model_only(model: str, threads: int | None, text: str, bs: int) -> dict[str, Any]:
+    """Bare forward latency at batch 1 and batch ``bs`` (same sentence), interleaved."""
+
+    from slimtune.bench import measure_latency, set_threads, torch_runner
+    from slimtune.models import load_model, load_tokenizer
+
+    if threads:
+        set_threads(threads)
+    tok = load_tokenizer(model)
+    m = load_model(model, "classification")
+    one = tok([text], return_tensors="pt")
+    many = tok([text] * bs, return_tensors="pt")
+    res = measure_latency({"bs1": torch_runner(m, dict(one)), f"bs{bs}": torch_runner(m, dict(many))},
+                          repeats=30, warmup=3)
+    del m
+    return {"tokens": int(one["input_ids"].shape[1]), "bs1_ms": res["bs1"]["p50_ms"],
+            f"bs{bs}_ms": res[f"bs{bs}"]["p50_ms"], f"bs{bs}_per_row_ms": res[f"bs{bs}"]["p50_ms"] / bs}
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = read_texts(args.data, args.requests)
+    modes = {"dynamic batching": args.max_batch_size, "one request, one forward": 1}
+    servers = {name: start_server(args.model, mb, args, out / f"server-bs{mb}.log") for name, mb in modes.items()}
+    results: dict[str, dict[str, Any]] = {n: {"lat": [], "status": {}, "wall": 0.0} for n in modes}
+    try:
+        for proc, url in servers.values():
+            await wait_healthy(url, proc)
+            await load(url, texts[:64], args.concurrency, time.time() + 60)  # warm-up, not counted
+        deadline = time.time() + args.time_limit
+        per_round = len(texts) // args.rounds
+        for r in range(args.rounds):
+            names = list(modes)[r % 2:] + list(modes)[:r % 2]
+            for name in names:
+                chunk = texts[r * per_round:(r + 1) * per_round]
+                res = await load(servers[name][1], chunk, args.concurrency, deadline)
+                acc = results[name]
+                acc["lat"] += res["lat"]
+                acc["wall"] += res["wall"]
+                for k, v in res["status"].items():
+                    acc["status"][k] = acc["status"].get(k, 0) + v
+        summary = {}
+        for name, acc in results.items():
+            m = await scrape(servers[name][1])
+            n = len(acc["lat"])
+            s5 = sum(v for k, v in acc["status"].items() if k.startswith("5"))
+            summary[name] = {"max_batch_size": modes[name], "requests": n, "ok": acc["status"].get("200", 0),
+                             "5xx": s5, "other_errors": n - acc["status"].get("200", 0) - s5,
+                             "status_counts": acc["status"], "wall_s": acc["wall"],
+                             "req_per_s": n / acc["wall"] if acc["wall"] else 0.0,
+                             "p50_ms": statistics.median(acc["lat"]) if n else float("nan"),
+                             "p99_ms": percentile(acc["lat"], 0.99),
+                             "mean_batch_rows": m["slimtune_batch_size_sum"] / max(m["slimtune_batch_size_count"], 1),
+                             "server_5xx_total": m["server_5xx"]}
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="/work/artifacts/minilm-sst2")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/test.tsv"))
+    ap.add_argument("--requests", type=int, default=2000, help="per mode")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per mode")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--max-queue", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="server intra-op threads (1: the other core is left to the event loop and client)")
+    ap.add_argument("--time-limit", type=float, default=600, help="seconds for the measured rounds, all modes")
+    ap.add_argument("--skip-model-only", action="store_true")
+    ap.add_argument("--output", default="/work/artifacts/serve-load")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from slimtune.bench import hardware_fingerprint
+
+    bare = None
+    if not args.skip_model_only:
+        bare = model_only(args.model, args.threads, read_texts(args.data, 1)[0], args.max_batch_size)
+    summary = asyncio.run(main_async(args))
+    a, b = summary["dynamic batching"], summary["one request, one forward"]
+    print(f"\nLoad test: {args.requests} single-text requests per mode at concurrency {args.concurrency}, "
+          f"loopback, {args.rounds} alternating rounds; model {args.model}\n")
+    print("| mode | max batch | requests | 200 | 5xx | other | req/s | p50 ms | p99 ms | mean rows/forward |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, s in summary.items():
+        print(f"| {name} | {s['max_batch_size']} | {s['requests']} | {s['ok']} | {s['5xx']} | {s['other_errors']} | "
+              f"{s['req_per_s']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['mean_batch_rows']:.1f} |")
+    ratio = a["req_per_s"] / b["req_per_s"] if b["req_per_s"] else float("nan")
+    print(f"\nthroughput ratio (batching / one-by-one): **{ratio:.2f}x**; p50 latency ratio "
+          f"{b['p50_ms'] / a['p50_ms']:.2f}x lower with batching")
+    if bare:
+        bs = args.max_batch_size
+        print(f"\nbare model, {bare['tokens']} tokens: batch 1 {bare['bs1_ms']:.2f} ms; batch {bs} "
+              f"{bare[f'bs{bs}_ms']:.2f} ms = {bare[f'bs{bs}_per_row_ms']:.2f} ms/row "
+              f"(ceiling {bare['bs1_ms'] / bare[f'bs{bs}_per_row_ms']:.1f}x)")
+    record = {"args": vars(args), "summary": summary, "ratio_req_per_s": ratio, "model_only": bare,
+              "hardware": hardware_fingerprint()}
+    Path(args.output, "serve_load.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {Path(args.output, 'serve_load.json')}")
+
+
+if __name__ == "__main__":
+    main()
