@@ -140,6 +140,11 @@ def _label_names(model: Any) -> list[str]:
 
 def run_prune(s: PruneSettings, log: Any = None) -> dict[str, Any]:
     """Prune as ``s`` says; write the output folder; return the metrics written to metrics.json."""
+    return prune_to_dir(s, log)[2]
+
+
+def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """:func:`run_prune`, also returning the in-memory pruned ``(model, tokenizer, metrics)``."""
     import torch
 
     from slimtune.config import DataConfig, ModelConfig, Recipe, TrainConfig
@@ -252,7 +257,7 @@ def run_prune(s: PruneSettings, log: Any = None) -> dict[str, Any]:
                   seconds=time.perf_counter() - t_start)
     result["params_ratio"] = params_before / result["params"]
     update_json(out / "metrics.json", result)
-    return result
+    return model, tokenizer, result
 
 
 # --------------------------------------------------------------------------------------------
