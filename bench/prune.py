@@ -86,7 +86,7 @@ def measure(args: argparse.Namespace, dirs: dict[str, Path]) -> dict[str, dict]:
         rows[name] = {"dir": str(d), "params": count_params(model), "size_mb": weights_size_mb(d),
                       "sparse_sidecar_mb": side.stat().st_size / 1e6 if side.is_file() else None,
                       "accuracy": acc, "n_test": len(test)}
-        runners[name] = torch_runner(model, sample_inputs(tok, 1, 128))
+        runners[name] = torch_runner(model, sample_inputs(tok, 1, args.seq))
     lat = measure_latency(runners, repeats=args.repeats, warmup=5)
     for name in rows:
         rows[name].update(lat[name])
@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--seq", type=int, default=128, help="tokens per timed input (bs 1)")
     p.add_argument("--reuse", action="store_true", help="reuse variants already built in --out")
     p.add_argument("--measure-only", action="store_true", help="only measure variants already built")
     args = p.parse_args()

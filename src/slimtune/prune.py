@@ -314,8 +314,15 @@ def settings_from_args(args: argparse.Namespace) -> PruneSettings:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from slimtune.config import RecipeError
+    from slimtune.prune_structured import StructuredPruneError
+    from slimtune.prune_vocab import VocabPruneError
+
     s = settings_from_args(args)
-    r = run_prune(s)
+    try:
+        r = run_prune(s)
+    except (StructuredPruneError, VocabPruneError) as e:  # user-facing: one line, no traceback
+        raise RecipeError(str(e)) from None
     rows = [("params", f"{r['params_before']:,} -> {r['params']:,} ({r['params_ratio']:.2f}x fewer)"),
             ("size on disk", f"{r['size_mb']:.1f} MB")]
     if "accuracy" in r:
