@@ -297,3 +297,14 @@ def test_cli_prune_end_to_end(assets: dict[str, Path], tmp_path: Path, capsys: p
     settings = json.loads((out / "prune.json").read_text())
     assert settings["ffn"] == 0.25 and settings["vocab_from"] == [str(assets["train"])]
     assert main(["prune", "--model", str(assets["model"]), "--output", str(tmp_path / "x")]) == 2  # nothing to prune
+
+
+def test_magnitude_recipe_validation() -> None:
+    from slimtune.config import RecipeError, resolve
+
+    r = resolve({"method": {"name": "magnitude", "sparsity": 0.7, "pattern": "unstructured", "scope": "layer"}})
+    assert r.method.sparsity == 0.7 and r.method.scope == "layer"
+    for bad, key in (({"pattern": "4:2"}, "method.pattern"), ({"sparsity": 1.0}, "method.sparsity"),
+                     ({"begin": 0.8, "end": 0.5}, "method.begin"), ({"scope": "row"}, "method.scope")):
+        with pytest.raises(RecipeError, match=key):
+            resolve({"method": {"name": "magnitude", **bad}})
