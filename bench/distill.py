@@ -161,8 +161,8 @@ def main() -> None:
     ap.add_argument("section", choices=["sst2", "mrpc", "causal", "latency", "report"])
     ap.add_argument("--out", default=str(ART / "distill" / "bench"))
     ap.add_argument("--force", action="store_true", help="redo runs whose metrics.json exists")
-    ap.add_argument("--sst2-rows", type=int, default=12000)
-    ap.add_argument("--causal-steps", type=int, default=150)
+    ap.add_argument("--sst2-rows", type=int, default=8000)
+    ap.add_argument("--causal-steps", type=int, default=120)
     ap.add_argument("--causal-layers", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     a = ap.parse_args()
@@ -176,7 +176,7 @@ def main() -> None:
                         out_root, a.force, a.sst2_rows, 64, 1e-4, 1.0, [3, 2], intermediate_for=3)
     elif a.section == "mrpc":
         classifier_runs("mrpc", ART / "minilm-mrpc", DATA / "mrpc" / "train.tsv", DATA / "mrpc" / "dev.tsv",
-                        out_root, a.force, None, 128, 5e-5, 3.0, [3, 2], intermediate_for=None)
+                        out_root, a.force, None, 128, 5e-5, 2.0, [3, 2], intermediate_for=None)
     elif a.section == "causal":
         causal_runs(out_root, a.force, a.causal_steps, a.causal_layers)
     elif a.section == "latency":
