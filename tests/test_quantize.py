@@ -287,3 +287,38 @@ def test_load_errors_name_the_file(tmp_path) -> None:
     (tmp_path / "quantized.safetensors").unlink()
     with pytest.raises(QuantizedFormatError, match="quantized.safetensors: not found"):
         load_quantized(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- QAT
+
+
+def test_fake_quant_forward_equals_the_quantized_model() -> None:
+    from slimtune.quant.qat import FakeQuantMethod
+
+    cfg = Int4WeightConfig(group_size=16)
+    ids = torch.randint(5, 64, (2, 10))
+    fq = FakeQuantMethod().apply(tiny_bert().eval(), cfg)
+    q = quantize_(tiny_bert(), cfg)
+    with torch.inference_mode():
+        assert torch.equal(fq(input_ids=ids).logits, q(input_ids=ids).logits)
+    # Straight-through: gradients reach the latent float weights.
+    fq(input_ids=ids).logits.sum().backward()
+    assert fq.bert.encoder.layer[0].attention.self.query.parametrizations.weight.original.grad is not None
+
+
+def test_recover_trains_through_the_loop_and_leaves_plain_modules() -> None:
+    from torch.nn.utils import parametrize
+
+    from slimtune.data import TokenizedData
+    from slimtune.quant.qat import recover_
+
+    g = torch.Generator().manual_seed(0)
+    ids = [[2, *torch.randint(5, 30, (8,), generator=g).tolist(), 3] for _ in range(32)]
+    data = TokenizedData(ids, None, [int(7 in x) for x in ids], 0)
+    model = tiny_bert(layers=1)
+    before = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    summary = recover_(model, Int4WeightConfig(), data, steps=3, lr=1e-3, batch_size=8)
+    assert summary["steps"] == 3
+    lin = model.bert.encoder.layer[0].attention.self.query
+    assert not parametrize.is_parametrized(lin) and type(lin) is nn.Linear
+    assert not torch.equal(lin.weight, before)

@@ -130,3 +130,15 @@ def test_make_config_defaults() -> None:
     assert make_config("kmeans", bits=2, granularity="tensor").bits == 2
     with pytest.raises(QuantizeError):
         make_config("int9")
+
+
+def test_int4_with_qat_recovery(setup, capsys) -> None:
+    tmp, model, ev = setup
+    out = tmp / "int4-qat"
+    rc, text = _run(capsys, "--model", str(model), "--scheme", "int4", "--eval", str(ev), "--train", str(ev),
+                    "--qat-steps", "2", "--output", str(out), *FAST)
+    assert rc == 0, text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["qat"]["steps"] == 2 and "ptq_accuracy" in m["qat"] and "QAT recovery: 2 steps" in text
+    rc, text = _run(capsys, "--model", str(model), "--scheme", "int4", "--qat-steps", "2", "--output", str(tmp / "x"), *FAST)
+    assert rc == 2 and "--qat-steps needs --train" in text

@@ -151,3 +151,28 @@ def test_time_candidates_prescreen_drops_slow_ones() -> None:
     lat, dropped = B.time_candidates({"ref": lambda b: None, "slow": lambda b: time.sleep(0.01)}, {},
                                      repeats=3, prescreen_ratio=3.0)
     assert "slow" in dropped and "pre-screen" in dropped["slow"] and set(lat) == {"ref"}
+
+
+def test_mixed_precision_keeps_float_activations_with_int8_weights(tmp_path) -> None:
+    import onnx
+
+    from slimtune.data import TokenizedData
+
+    model, tok = tiny_bert(), tiny_tokenizer(tmp_path / "tok")
+    g = torch.Generator().manual_seed(0)
+    calib = TokenizedData([[2, *torch.randint(5, 30, (9,), generator=g).tolist(), 3] for _ in range(16)], None, None, 0)
+    # An unreachable target forces the search to its cap: exactly max_layers float-activation layers.
+    c = B.build_onnxruntime_mixed(model, tmp_path, tok, calib, target_db=500.0, max_layers=2)
+    mp = c.info["mixed_precision"]
+    assert len(mp["float_activation_layers"]) == 2 and len(mp["calib_sqnr_trace"]) == 3
+    assert mp["ranking"][0][0] <= mp["ranking"][-1][0]  # worst layer first
+    graph = onnx.load(str(c.path / "model.onnx")).graph
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("_weight_dq")]
+    assert len(dq) == 2 and c.info["quantization"]["weight_only_int8_nodes"] == 2
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+              and i.dims[0] * i.dims[1] >= 64 * 64}
+    assert not floats - {"model.bert.embeddings.position_embeddings.weight"}  # no big float matrix left
+    enc = _batch(tok, TEXTS)
+    with torch.inference_mode():
+        assert sqnr_db(model(**enc).logits, c.predict(dict(enc))) >= 25.0
+    assert B.build_onnxruntime_mixed(model, tmp_path / "easy", tok, calib, target_db=-100.0) is None

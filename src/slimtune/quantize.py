@@ -141,9 +141,11 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
                  granularity: str | None = None, group_size: int | None = None, bits: int | None = None,
                  symmetric: bool | None = None, include_embeddings: bool = True, backend: str = "auto",
                  threads: int = 1, batch_size: int = 1, seq_len: int = 128, repeats: int = 30,
-                 min_sqnr_db: float = 25.0, max_accuracy_drop: float = 0.5,
+                 min_sqnr_db: float = 20.0, max_accuracy_drop: float = 0.5,
                  max_eval_samples: int | None = None, max_length: int | None = None,
-                 export_dequantized: bool = False) -> dict[str, Any]:
+                 export_dequantized: bool = False, qat_steps: int = 0, train_path: str | None = None,
+                 qat_lr: float = 2e-5, qat_batch_size: int = 16, calib_path: str | None = None,
+                 calib_samples: int = 256) -> dict[str, Any]:
     """Quantize the classifier in ``model_dir`` and write ``output`` with ``metrics.json``.
 
     Args:
@@ -160,6 +162,11 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
         max_eval_samples: subsample the eval file.
         max_length: tokenization length for evaluation (default: recipe.yaml, else 128).
         export_dequantized: also write ``output/dequantized/`` (plain float HF folder).
+        qat_steps: int4/nf4/kmeans: fake-quant recovery fine-tune of this many steps on
+            ``train_path`` before quantizing (0: post-training quantization only).
+        train_path, qat_lr, qat_batch_size: the recovery fine-tune's data and settings.
+        calib_path, calib_samples: int8: texts for the mixed-precision search (labels unused);
+            default ``train_path``, else ``eval_path`` (recorded in metrics.json).
     """
     import copy
     import tempfile
@@ -182,6 +189,10 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
     if scheme in ("int4", "nf4", "kmeans") and backend != "auto":
         raise QuantizeError(f"--backend applies to int8 (and fp32 ONNX); {scheme} is a weight-only "
                             f"storage format decoded to float at load")
+    if qat_steps and scheme not in ("int4", "nf4", "kmeans"):
+        raise QuantizeError(f"--qat-steps applies to int4, nf4 and kmeans, not {scheme}")
+    if qat_steps and not train_path:
+        raise QuantizeError("--qat-steps needs --train FILE (labelled data for the recovery fine-tune)")
     if scheme == "fp32" and backend not in ("auto", "onnxruntime"):
         raise QuantizeError("--scheme fp32 only writes the fp32 ONNX folder: use --backend onnxruntime")
     src = Path(model_dir)
@@ -223,7 +234,12 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
                 failed: dict[str, str] = {}
             else:
                 wanted = ["torch", "torchao", "onnxruntime"] if backend == "auto" else [backend]
-                cands, failed = B.build_candidates(model, tok, Path(work), wanted)
+                calib_file = calib_path or train_path or eval_path
+                calib = (_eval_setup(src, calib_file, tok, names, calib_samples, max_length)
+                         if calib_file else None)
+                metrics["calib_file"] = calib_file
+                cands, failed = B.build_candidates(model, tok, Path(work), wanted, calib=calib,
+                                                   target_db=min_sqnr_db + 0.5)
             if data is not None:
                 B.score_parity(cands, ref, data)
             for c in cands:  # SQNR on the latency input as well (the only one without --eval)
@@ -253,6 +269,10 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
                            latency_ms_p50=chosen.metrics["latency_ms_p50"])
         else:
             q = quantize_(copy.deepcopy(model), cfg)
+            if qat_steps:
+                metrics["qat"] = _recover(model, q, cfg, src, tok, names, data, train_path, qat_steps,
+                                          qat_lr, qat_batch_size, max_length, Path(work))
+                q = quantize_(metrics["qat"].pop("model"), cfg)
             save_quantized(q, tmp, cfg, tok)
             # Exactness: what a reload gives must equal the in-memory quantized model.
             reloaded = load_quantized(tmp)
@@ -285,6 +305,28 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
             shutil.copy2(src / "recipe.yaml", tmp / "recipe.yaml")
         atomic_write_json(tmp / "metrics.json", metrics)
     return metrics
+
+
+def _recover(model: Any, ptq: Any, cfg: Any, src: Path, tok: Any, names: list[str], data: Any,
+             train_path: str, steps: int, lr: float, batch_size: int, max_length: int | None,
+             work: Path) -> dict[str, Any]:
+    """Run the fake-quant recovery fine-tune on a copy of ``model``; report PTQ vs QAT accuracy."""
+    import copy
+    import time
+
+    from slimtune.quant import backends as B
+    from slimtune.quant.qat import recover_
+
+    train = _eval_setup(src, train_path, tok, names, steps * batch_size, max_length)
+    t0 = time.perf_counter()
+    recovered = copy.deepcopy(model)
+    summary = recover_(recovered, cfg, train, steps=steps, lr=lr, batch_size=batch_size, work_dir=work)
+    out: dict[str, Any] = {"steps": summary["steps"], "lr": lr, "batch_size": batch_size,
+                           "train_file": train_path, "seconds": round(time.perf_counter() - t0, 1),
+                           "model": recovered}
+    if data is not None:
+        out["ptq_accuracy"] = B.accuracy(B.predict_all(B.torch_predict(ptq), data), data.labels)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +389,9 @@ def format_summary(m: dict[str, Any]) -> str:
         f"  [bs {m['latency_setting']['batch_size']}, seq {m['latency_setting']['seq_len']}, "
         f"{m['latency_setting']['threads']} thread(s)]",
         f"logits SQNR {m['sqnr_db']:.1f} dB  {acc}",
+        *([f"QAT recovery: {m['qat']['steps']} steps in {m['qat']['seconds']} s"
+           + (f" (post-training accuracy was {m['qat']['ptq_accuracy']:.4f})" if "ptq_accuracy" in m['qat'] else "")]
+          if m.get("qat") else []),
         f"why: {m['backend_reason']}"])
 
 
@@ -363,7 +408,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                          backend=args.backend, threads=args.threads, batch_size=args.batch_size,
                          seq_len=args.seq_len, repeats=args.repeats, min_sqnr_db=args.min_sqnr,
                          max_accuracy_drop=args.max_accuracy_drop, max_eval_samples=args.max_eval_samples,
-                         export_dequantized=args.export_dequantized)
+                         export_dequantized=args.export_dequantized, qat_steps=args.qat_steps,
+                         train_path=args.train, qat_lr=args.qat_lr, calib_path=args.calib,
+                         calib_samples=args.calib_samples)
     except (QuantizeError, QuantizedFormatError, ModelError, DataError, FileNotFoundError) as e:
         print(f"slimtune quantize: error: {e}", file=sys.stderr)
         return 2
@@ -397,7 +444,13 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="latency input batch size (default 1)")
     p.add_argument("--seq-len", type=int, default=128, help="latency input length (default 128)")
     p.add_argument("--repeats", type=int, default=30, help="interleaved timing rounds (default 30)")
-    p.add_argument("--min-sqnr", type=float, default=25.0, help="logits SQNR (dB) a backend must reach to be chosen")
+    p.add_argument("--min-sqnr", type=float, default=20.0, help="logits SQNR (dB) a backend must reach to be chosen; "
+                   "above what all-int8 ONNX Runtime reaches, a mixed-precision candidate is searched (default 20)")
     p.add_argument("--max-accuracy-drop", type=float, default=0.5, help="accuracy drop (points) a backend may cost")
     p.add_argument("--export-dequantized", action="store_true", help="also write OUTPUT/dequantized/ (plain float HF folder)")
+    p.add_argument("--calib", help="int8: texts for the mixed-precision search (default: --train, else --eval)")
+    p.add_argument("--calib-samples", type=int, default=256, help="calibration rows (default 256)")
+    p.add_argument("--qat-steps", type=int, default=0, help="int4/nf4/kmeans: fake-quant recovery fine-tune steps before quantizing (needs --train)")
+    p.add_argument("--train", help="labelled training file for --qat-steps")
+    p.add_argument("--qat-lr", type=float, default=2e-5, help="learning rate of the recovery fine-tune")
     p.set_defaults(func=cmd_quantize)

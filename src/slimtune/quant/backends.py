@@ -166,13 +166,75 @@ def build_onnxruntime(model: nn.Module, work_dir: Path, tokenizer: Any, *, fused
     return Candidate(name, "onnxruntime", onnx_predict(path), path, info)
 
 
+def build_onnxruntime_mixed(model: nn.Module, work_dir: Path, tokenizer: Any, calib: TokenizedData, *,
+                            target_db: float, max_layers: int = 6,
+                            name: str = "onnxruntime-int8-mixed") -> Candidate | None:
+    """ORT int8 with the fewest float-activation layers that reach ``target_db`` on ``calib``.
+
+    Layers are ranked once in torch (:func:`slimtune.quant.mixed.rank_layers`); then, worst
+    first, one more layer keeps float activations (int8 weight-only) until the real ORT graph
+    reaches the target on the calibration data, or ``max_layers`` is reached. Returns None
+    when the all-int8 graph already reaches the target (nothing to add).
+    """
+
+    from slimtune.io import atomic_write_json
+    from slimtune.quant.mixed import rank_layers
+    from slimtune.quant.onnx import (
+        ONNX_FILE,
+        ONNX_SIDECAR,
+        export_onnx,
+        matmul_nodes,
+        optimize_onnx,
+        parity,
+        quantize_onnx,
+    )
+
+    path = work_dir / name
+    path.mkdir(parents=True, exist_ok=True)
+    raw, fused = work_dir / f"{name}.raw.onnx", work_dir / f"{name}.fused.onnx"
+    info: dict[str, Any] = export_onnx(model, raw)
+    info["export_max_abs_diff"] = parity(model, raw)
+    info["fusions"] = optimize_onnx(raw, fused, model.config)
+    model.config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    nodes = matmul_nodes(fused)
+    ranking = rank_layers(model, calib, eligible=lambda n: n in nodes)
+    ref = predict_all(torch_predict(model), calib)
+    chosen: list[str] = []
+    trace: list[tuple[int, float]] = []
+    while True:
+        info["quantization"] = quantize_onnx(fused, path / ONNX_FILE,
+                                             float_activation_nodes=[nodes[n] for n in chosen])
+        s = sqnr_db(ref, predict_all(onnx_predict(path), calib))
+        trace.append((len(chosen), round(s, 2)))
+        if s >= target_db or len(chosen) >= min(max_layers, len(ranking)):
+            break
+        chosen.append(ranking[len(chosen)][1])
+    for p in (raw, fused):
+        p.unlink(missing_ok=True)
+    if not chosen:
+        return None
+    info["mixed_precision"] = {"float_activation_layers": chosen, "target_db": target_db,
+                               "calib_sqnr_trace": trace, "calib_n": len(calib),
+                               "ranking": [(round(s, 2), n) for s, n in ranking[:8]]}
+    atomic_write_json(path / ONNX_SIDECAR, info)
+    return Candidate(name, "onnxruntime", onnx_predict(path), path, info)
+
+
 def build_candidates(model: nn.Module, tokenizer: Any, work_dir: Path, backends: list[str],
-                     baselines: bool = False) -> tuple[list[Candidate], dict[str, str]]:
-    """Build the candidates of ``backends``; return (candidates, {name: why it failed})."""
+                     baselines: bool = False, calib: TokenizedData | None = None,
+                     target_db: float = 30.0) -> tuple[list[Candidate], dict[str, str]]:
+    """Build the candidates of ``backends``; return (candidates, {name: why it failed}).
+
+    With ``calib`` data, ONNX Runtime also gets a mixed-precision candidate aiming at ``target_db``.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
-    builders: list[tuple[str, Callable[[], Candidate]]] = []
+    builders: list[tuple[str, Callable[[], Candidate | None]]] = []
     if "onnxruntime" in backends:
         builders.append(("onnxruntime-int8-fused", lambda: build_onnxruntime(model, work_dir, tokenizer)))
+        if calib is not None:
+            builders.append(("onnxruntime-int8-mixed", lambda: build_onnxruntime_mixed(
+                model, work_dir, tokenizer, calib, target_db=target_db)))
     if "torch" in backends:
         builders.append(("torch-int8-channel", lambda: build_torch(model, work_dir, tokenizer)))
     if "torchao" in backends:
@@ -184,7 +246,9 @@ def build_candidates(model: nn.Module, tokenizer: Any, work_dir: Path, backends:
     out, failed = [], {}
     for name, build in builders:
         try:
-            out.append(build())
+            cand = build()
+            if cand is not None:
+                out.append(cand)
         except ImportError as e:
             failed[name] = f"not installed ({e.name})"
         except Exception as e:  # one broken backend must not stop the others

@@ -148,8 +148,63 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, config: Any) -
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
 
 
+def matmul_nodes(path: str | os.PathLike) -> dict[str, str]:
+    """Module name -> ONNX MatMul node name for the Linear layers left as plain MatMuls.
+
+    The TorchScript exporter names nodes by module scope: ``/model/bert/encoder/layer.0/
+    output/dense/MatMul`` is module ``bert.encoder.layer.0.output.dense``.
+    """
+    import onnx
+
+    out = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type == "MatMul" and node.name.startswith("/model/") and node.name.endswith("/MatMul"):
+            out[node.name[len("/model/"):-len("/MatMul")].replace("/", ".")] = node.name
+    return out
+
+
+def weight_only_int8(path: str | os.PathLike, node_names: list[str]) -> int:
+    """Store the constant weight of each named float MatMul as int8 + per-column scale, decoded
+    by a DequantizeLinear node in the graph (float activations, ~4x smaller weight). In place.
+    Returns how many weights were converted."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from slimtune.quant.linear import encode_affine
+
+    model = onnx.load(str(path))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    users: dict[str, int] = {}
+    for node in g.node:
+        for i in node.input:
+            users[i] = users.get(i, 0) + 1
+    new_nodes, done = [], 0
+    for node in g.node:
+        if node.name not in node_names or node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        w = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]]).copy())  # (K, N): x @ W
+        meta, t = encode_affine(w.T.contiguous(), bits=8, symmetric=True, granularity="channel", group_size=0)
+        base = node.input[1]
+        q = numpy_helper.from_array(t["qdata"].T.contiguous().numpy(), base + "_int8")
+        sc = numpy_helper.from_array(t["scale"].float().numpy(), base + "_scale")
+        zp = numpy_helper.from_array(np.zeros(w.shape[1], dtype=np.int8), base + "_zp")
+        g.initializer.extend([q, sc, zp])
+        new_nodes.append(helper.make_node("DequantizeLinear", [q.name, sc.name, zp.name], [base + "_dq"],
+                                          name=node.name + "_weight_dq", axis=1))
+        if users.get(base, 0) == 1:
+            g.initializer.remove(inits[base])
+        node.input[1] = base + "_dq"
+        done += 1
+    for n in reversed(new_nodes):  # constants first: keeps the node list topologically sorted
+        g.node.insert(0, n)
+    onnx.save(model, str(path))
+    return done
+
+
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = True,
-                  quantize_embeddings: bool = True, reduce_range: bool = False) -> dict[str, Any]:
+                  quantize_embeddings: bool = True, reduce_range: bool = False,
+                  float_activation_nodes: list[str] | None = None) -> dict[str, Any]:
     """ONNX Runtime dynamic quantization: int8 weights, uint8 activations quantized per call.
 
     MatMul and fused Attention weights become int8 (per output channel with ``per_channel``);
@@ -159,11 +214,15 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if quantize_embeddings else [])
+    exclude = list(float_activation_nodes or [])
     with quiet():
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, per_channel=per_channel,
+                         nodes_to_exclude=exclude,
                          reduce_range=reduce_range, weight_type=QuantType.QInt8,
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1})  # 1 = FLOAT: fused contrib ops defeat shape inference
-    return {"per_channel": per_channel, "quantized_ops": ops, "reduce_range": reduce_range}
+    converted = weight_only_int8(dst, exclude) if exclude else 0
+    return {"per_channel": per_channel, "quantized_ops": ops, "reduce_range": reduce_range,
+            "float_activation_nodes": exclude, "weight_only_int8_nodes": converted}
 
 
 def session(path: str | os.PathLike, threads: int | None = None) -> Any:
@@ -241,11 +300,14 @@ def load_onnx_classifier(model_dir: str | os.PathLike, threads: int | None = Non
 
 def write_onnx_folder(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
                       optimize: bool = True, quantize: bool = False, per_channel: bool = True,
-                      quantize_embeddings: bool = True, exporter: str = "legacy") -> dict[str, Any]:
+                      quantize_embeddings: bool = True, exporter: str = "legacy",
+                      float_activation_layers: list[str] | None = None) -> dict[str, Any]:
     """Export ``model`` into a self-describing ONNX folder (fp32, or int8 with ``quantize``).
 
     Steps: export (+ parity check vs torch) -> optional ORT fusion -> optional int8 dynamic
-    quantization. Intermediate graphs are removed; ``onnx.json`` records what was done.
+    quantization, where ``float_activation_layers`` (module names of Linear layers, see
+    :mod:`slimtune.quant.mixed`) keep float activations and int8 weight-only storage.
+    Intermediate graphs are removed; ``onnx.json`` records what was done.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,8 +325,13 @@ def write_onnx_folder(model: torch.nn.Module, out_dir: str | os.PathLike, tokeni
         except Exception as e:  # an optimizer failure costs speed, never the export
             info["fusions_error"] = f"{type(e).__name__}: {e}"
     if quantize:
+        nodes = matmul_nodes(src)
+        missing = [n for n in float_activation_layers or [] if n not in nodes]
+        if missing:
+            raise ValueError(f"no plain MatMul node in the ONNX graph for layer(s) {missing[:3]}")
         info["quantization"] = quantize_onnx(src, out / ONNX_FILE, per_channel=per_channel,
-                                             quantize_embeddings=quantize_embeddings)
+                                             quantize_embeddings=quantize_embeddings,
+                                             float_activation_nodes=[nodes[n] for n in float_activation_layers or []])
     else:
         os.replace(src, out / ONNX_FILE)
     for p in (raw, fused):
