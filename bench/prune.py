@@ -27,13 +27,15 @@ os.environ.setdefault("SLIMTUNE_NO_PROGRESS", "1")
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
-# name -> (label, prune settings). Training rows/steps come from the command line.
+# name -> (label, prune settings). Training rows/steps come from the command line. "from" prunes
+# another variant's output instead of the unpruned model: vocabulary pruning is exact on the
+# training text, so pruning the vocabulary of the recovered structured model is the same as
+# pruning it first and recovering after (the recovery batches tokenize identically).
 VARIANTS: dict[str, tuple[str, dict]] = {
     "unstructured50": ("50% unstructured (gradual, KD)", {"sparsity": 0.5, "kd": True}),
-    "structured": ("FFN 50% + 2 of 6 layers (KD)", {"ffn": 0.5, "layers": 2, "kd": True}),
-    "vocab": ("vocabulary from train.tsv (no training)", {"vocab_from": ["TRAIN"], "recover": False}),
-    "combined": ("vocab + FFN 50% + 2 layers (KD)", {"ffn": 0.5, "layers": 2, "vocab": True, "kd": True}),
-    "combined_max": ("vocab + FFN 67% + 2 layers (KD)", {"ffn": 0.667, "layers": 2, "vocab": True, "kd": True}),
+    "structured": ("FFN 67% + 2 of 6 layers (KD)", {"ffn": 0.667, "layers": 2, "kd": True}),
+    "vocab": ("vocabulary from train.tsv (no training)", {"vocab": True, "recover": False}),
+    "combined": ("structured + vocabulary", {"vocab": True, "recover": False, "from": "structured"}),
 }
 
 
@@ -45,9 +47,10 @@ def build(args: argparse.Namespace, name: str, kw: dict) -> Path:
         return out
     kw = dict(kw)
     recover = kw.pop("recover", True)
-    if kw.pop("vocab", False) or kw.get("vocab_from"):
+    source = str(Path(args.out) / kw.pop("from")) if "from" in kw else args.model
+    if kw.pop("vocab", False):
         kw["vocab_from"] = [args.train]
-    s = PruneSettings(model=args.model, output=str(out), train=args.train, eval=args.test,
+    s = PruneSettings(model=source, output=str(out), train=args.train, eval=args.test,
                       recover_steps=args.recover_steps if recover else 0, max_train_samples=args.max_train_samples,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, **kw)
     t0 = time.perf_counter()
