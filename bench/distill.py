@@ -89,12 +89,12 @@ def shakespeare_files(out_root: Path) -> tuple[Path, Path]:
     return train, held
 
 
-def causal_runs(out_root: Path, force: bool, steps: int, layers: int) -> None:
+def causal_runs(out_root: Path, force: bool, steps: int, layers: int, block: int = 32, batch: int = 4) -> None:
     train, held = shakespeare_files(out_root)
     tree = {"model": {"name": "smollm2", "task": "causal-lm"},
-            "data": {"train": str(train), "eval": str(held), "max_length": 64,
-                     "max_train_samples": steps * 4, "max_eval_samples": 64},
-            "train": {"max_steps": steps, "batch_size": 4, "eval_batch_size": 32, "lr": 1e-4, "seed": 42,
+            "data": {"train": str(train), "eval": str(held), "max_length": block,
+                     "max_train_samples": steps * batch, "max_eval_samples": 128},
+            "train": {"max_steps": steps, "batch_size": batch, "eval_batch_size": 32, "lr": 1e-4, "seed": 42,
                       "eval_every": 10**9, "tensorboard": False, "warmup_ratio": 0.05}}
     run(f"causal-L{layers}-ce", out_root, tree, {"student_layers": layers, "alpha": 1.0}, force)
     run(f"causal-L{layers}-kd", out_root, tree, {"student_layers": layers, "alpha": 0.5, "temperature": 1.0}, force)
@@ -162,7 +162,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ART / "distill" / "bench"))
     ap.add_argument("--force", action="store_true", help="redo runs whose metrics.json exists")
     ap.add_argument("--sst2-rows", type=int, default=8000)
-    ap.add_argument("--causal-steps", type=int, default=120)
+    ap.add_argument("--causal-steps", type=int, default=100)
+    ap.add_argument("--mrpc-students", default="3", help="comma-separated student layer counts for MRPC")
+    ap.add_argument("--mrpc-epochs", type=float, default=1.0)
     ap.add_argument("--causal-layers", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     a = ap.parse_args()
@@ -176,7 +178,8 @@ def main() -> None:
                         out_root, a.force, a.sst2_rows, 64, 1e-4, 1.0, [3, 2], intermediate_for=3)
     elif a.section == "mrpc":
         classifier_runs("mrpc", ART / "minilm-mrpc", DATA / "mrpc" / "train.tsv", DATA / "mrpc" / "dev.tsv",
-                        out_root, a.force, None, 128, 5e-5, 2.0, [3, 2], intermediate_for=None)
+                        out_root, a.force, None, 64, 1e-4, a.mrpc_epochs,
+                        [int(n) for n in a.mrpc_students.split(",")], intermediate_for=None)
     elif a.section == "causal":
         causal_runs(out_root, a.force, a.causal_steps, a.causal_layers)
     elif a.section == "latency":
