@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from slimtune.data import DataError, collate, epoch_batches, load_classification, TokenizedData
+from slimtune.data import DataError, TokenizedData, collate, epoch_batches, load_classification
 
 
 def test_tsv_sst2_style(tmp_path):

@@ -132,7 +132,12 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
 
     import yaml
 
-    from slimtune.data import load_classification, read_text_files, tokenize_causal, tokenize_classification
+    from slimtune.data import (
+        load_classification,
+        read_text_files,
+        tokenize_causal,
+        tokenize_classification,
+    )
     from slimtune.io import update_json, weights_size_mb
     from slimtune.models import count_params, label_names_of, load_model, load_tokenizer
 
