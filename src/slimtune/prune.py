@@ -14,7 +14,7 @@ Steps, each optional, in this order:
 
 The output folder holds ``config.json`` + ``model.safetensors`` + tokenizer (plain transformers
 loads them), ``metrics.json`` (accuracy on ``--eval``, params, size, what was pruned),
-``prune.json`` (the settings), ``recipe.yaml`` (the recovery run) and, for unstructured
+``prune.json`` (the settings), ``recipe.yaml`` (the recovery run, if any) and, for unstructured
 sparsity, ``sparsity.json`` and possibly ``sparse/model.safetensors``.
 
 Top-level imports are stdlib only (the CLI is built without importing torch).
@@ -240,10 +240,11 @@ def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str,
         for name in ("tokenizer.json", "vocab.txt"):
             shutil.copyfile(tok_dir / name, out / name)
         shutil.rmtree(tok_dir, ignore_errors=True)
-    recipe = Recipe(output=str(out), model=ModelConfig(name=s.model), data=DataConfig(
-        train=s.train, eval=s.eval, max_length=s.max_length, max_train_samples=s.max_train_samples), train=tcfg,
-        method=mcfg, method_name=method.name)
-    recipe.save(out / "recipe.yaml")
+    if s.recover_steps > 0:  # the recovery run, repeatable with `slimtune finetune --config`
+        recipe = Recipe(output=str(out), model=ModelConfig(name=s.model), data=DataConfig(
+            train=s.train, eval=s.eval, max_length=s.max_length, max_train_samples=s.max_train_samples),
+            train=tcfg, method=mcfg, method_name=method.name)
+        recipe.save(out / "recipe.yaml")
     if unstructured:
         result["sparsity"] = json.loads((out / "sparsity.json").read_text())
         rep = result["sparsity"]
