@@ -225,11 +225,14 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel
             "float_activation_nodes": exclude, "weight_only_int8_nodes": converted}
 
 
-def session(path: str | os.PathLike, threads: int | None = None) -> Any:
+def session(path: str | os.PathLike, threads: int | None = None, fold_weight_dq: bool = False) -> Any:
     """An ``onnxruntime.InferenceSession`` on CPU with all graph optimizations enabled.
 
     ``threads`` defaults to ``$SLIMTUNE_THREADS`` (set by slimtune.bench.set_threads), else ORT's
-    own default. Inter-op parallelism is off: BERT graphs are sequential.
+    own default. Inter-op parallelism is off: BERT graphs are sequential. ``fold_weight_dq``
+    lets constant folding decode int8 weight-only layers once at load (ORT keeps
+    DequantizeLinear nodes unfolded unless ``session.disable_quant_qdq`` is set, which would
+    otherwise decode those weights on every call).
     """
     import onnxruntime as ort
 
@@ -240,6 +243,8 @@ def session(path: str | os.PathLike, threads: int | None = None) -> Any:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if fold_weight_dq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -265,7 +270,10 @@ class OnnxClassifier:
         self.path = d
         self.config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
         self.id2label = {int(k): v for k, v in (self.config.get("id2label") or {}).items()}
-        self.session = session(onnx_path, threads)
+        side = d / ONNX_SIDECAR
+        info = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+        fold = bool((info.get("quantization") or {}).get("weight_only_int8_nodes"))
+        self.session = session(onnx_path, threads, fold_weight_dq=fold)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> torch.Tensor:
