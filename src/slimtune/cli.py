@@ -15,7 +15,7 @@ from typing import Any
 # Modules that add their own sub-commands through ``add_cli(subparsers)``; each keeps its
 # top-level imports light (stdlib only) so building the parser stays fast. Missing ones are skipped.
 COMMAND_MODULES: list[str] = ["slimtune.distill", "slimtune.prune", "slimtune.quantize",
-                              "slimtune.bench", "slimtune.pipeline", "slimtune.serve"]
+                              "slimtune.bench", "slimtune.pipeline", "slimtune.serve", "slimtune.compress"]
 
 # flag name -> recipe key path
 FINETUNE_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -92,8 +92,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise SystemExit("slimtune finetune: --train (data.train) is required")
     if recipe.output is None:
         raise SystemExit("slimtune finetune: --output is required")
-    result = run_finetune(recipe)
-    print_finetune_result(result, recipe.output)
+    from slimtune import distributed
+
+    rc = distributed.relaunch(getattr(args, "argv", sys.argv[1:]), getattr(args, "nproc", None))
+    if rc is not None:  # this process only launched the ranks (torch.distributed.run)
+        return rc
+    try:
+        result = run_finetune(recipe)
+        if distributed.is_main():
+            print_finetune_result(result, recipe.output)
+    finally:
+        distributed.teardown()
     return 0
 
 
@@ -132,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=_recipe_epilog() if want_epilog else None)
     add_recipe_flags(p, FINETUNE_FLAGS)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel processes on this machine, launched with torch.distributed.run "
+                        "(train.batch_size stays the global batch; see docs/distributed.md)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a saved model on a labelled file (or LM text)")
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slimtune`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc re-launches this command
     from slimtune.errors import USER_ERRORS
 
     try:

@@ -148,6 +148,17 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
     max_length = max_length or d.get("max_length") or 128
     encoding = encoding or d.get("encoding") or "utf-8"
     task = model_task(model_dir)
+    from slimtune.bench import model_kind
+
+    if task == "classification" and model_kind(model_dir) != "hf":  # ONNX / quantized folders
+        from slimtune.bench import count_stored_params, evaluate_model_dir
+
+        result = evaluate_model_dir(model_dir, eval_path, max_length=max_length, batch_size=batch_size,
+                                    text_column=text_column, text_pair_column=text_pair_column,
+                                    label_column=label_column, encoding=encoding, skip_bad_rows=skip_bad_rows)
+        result.update(params=count_stored_params(model_dir), size_mb=weights_size_mb(model_dir))
+        update_json(output or Path(model_dir) / "metrics.json", result)
+        return result
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, task)
     if task == "classification":
