@@ -72,7 +72,7 @@ class TrainConfig:
 
     epochs: float = _f(3.0, "Passes over the training data (fractional allowed). Ignored when max_steps > 0.")
     max_steps: int = _f(-1, "Optimizer steps to run; -1 derives them from epochs.")
-    batch_size: int = _f(32, "Examples per micro-batch.")
+    batch_size: int = _f(32, "Examples per micro-batch; with several processes the global micro-batch, split across them.")
     eval_batch_size: int = _f(64, "Examples per evaluation batch.")
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum).")
     lr: float = _f(5e-5, "Peak learning rate of AdamW.")
@@ -92,6 +92,8 @@ class TrainConfig:
     resume: bool = _f(True, "Resume from the newest checkpoint in the output directory if one exists.")
     tensorboard: bool = _f(True, "Also write TensorBoard logs (when tensorboard is installed).")
     progress: bool = _f(True, "Show a progress bar (on a terminal).")
+    fsdp: bool = _f(False, "With several processes (--nproc / torchrun): shard weights, gradients and optimizer state (FSDP2 FULL_SHARD) instead of replicating them (DDP). For models that do not fit one device.")
+    ddp_find_unused_parameters: bool = _f(False, "DDP: tolerate trainable parameters that get no gradient in a step (slower; needed only by models with unused trainable weights).")
 
 
 @dataclass

@@ -6,6 +6,9 @@ Everything a run writes goes to ``recipe.output``:
 - ``adapter/``: PEFT adapter (LoRA-family methods).
 - ``metrics.json``: accuracy, macro_f1, per-class report (or perplexity), params, size_mb, timing.
 - ``metrics.jsonl`` and ``tensorboard/``: training curves. ``recipe.yaml``: the resolved recipe.
+
+Under torchrun (``slimtune finetune --nproc N``) every rank runs this; rank 0 alone writes the
+recipe, exports and evaluates; the other ranks return after training (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from slimtune import distributed
 from slimtune.config import Recipe
 from slimtune.data import (
     TokenizedData,
@@ -79,23 +83,30 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
     t, m = recipe.train, recipe.model
     out = Path(recipe.output or "outputs/run")
     out.mkdir(parents=True, exist_ok=True)
-    recipe.save(out / "recipe.yaml")
+    multi = distributed.init_distributed()  # no-op unless launched by torchrun
+    if distributed.is_main():
+        recipe.save(out / "recipe.yaml")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
     tokenizer = load_tokenizer(m.name, m.trust_remote_code)
     train_data, eval_data, labels = prepare_data(recipe, tokenizer)
     total_steps = plan_steps(len(train_data), t)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device() if multi else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # FSDP shards from the CPU copy (each shard goes to its device): the whole model never
+    # has to fit one device.
+    sharded = multi and t.fsdp
     model = load_model(m.name, m.task, label_names=labels, dtype=m.dtype,
-                       trust_remote_code=m.trust_remote_code, pad_token_id=train_data.pad_id).to(device)
+                       trust_remote_code=m.trust_remote_code, pad_token_id=train_data.pad_id).to(
+                           "cpu" if sharded else device)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     metric = t.metric if t.metric != "auto" else ("accuracy" if m.task == "classification" else "loss")
     before: dict[str, Any] = {}
-    if m.task == "causal-lm" and eval_data is not None:
+    if m.task == "causal-lm" and eval_data is not None and not sharded:
         before = evaluate_any(model, eval_data, m.task, labels, t.eval_batch_size)
-        print(f"[slimtune] before training: perplexity {before['perplexity']:.3f}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"[slimtune] before training: perplexity {before['perplexity']:.3f}", file=sys.stderr)
     method = get_method(recipe.method_name)
     ctx = MethodContext(task=m.task, total_steps=total_steps, base_model=resolve(m.name))
     model = method.apply(model, recipe.method, ctx)
@@ -106,6 +117,8 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
             return evaluate_any(mdl, eval_data, m.task, labels, t.eval_batch_size)
     summary = train(model, method, recipe.method, train_data, t, out, total_steps=total_steps,
                     eval_fn=eval_fn, metric=metric, group_by_length=recipe.data.group_by_length)
+    if not distributed.is_main():
+        return {"rank": distributed.rank(), "train": summary}  # rank 0 exports and evaluates
     # Export into a temp folder, then move files into place: a crash here loses nothing.
     tmp = out / ".export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,12 @@ Resumability: a checkpoint holds the trainable weights, optimizer and scheduler 
 RNG state and the position in the epoch (batches are a pure function of seed and epoch). It is
 written to a temp folder and renamed, so SIGKILL at any moment leaves the previous checkpoint
 intact; the same command restarted continues bit-for-bit where it stopped.
+
+Data parallelism (torchrun, ``--nproc N``): the loop runs on every rank through a
+:class:`slimtune.distributed.Parallel` (DDP, or FSDP2 with ``train.fsdp``). ``batch_size`` stays
+the global micro-batch; each rank computes its slice and the gradient is the mean over the whole
+global batch, so N processes train the same model as one. Rank 0 alone logs, writes metrics and
+checkpoints (which hold unsharded, global state: resumable with any number of processes).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from slimtune.config import TrainConfig
 from slimtune.data import TokenizedData, collate, epoch_batches, num_batches
+from slimtune.distributed import Parallel, all_reduce_sum, barrier, broadcast_object
 from slimtune.io import atomic_dir, atomic_write_text
 from slimtune.methods import load_trainable_state, trainable_state
 
@@ -125,8 +132,17 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    sched: Any, state: LoopState, extra: dict[str, Any] | None = None) -> None:
-    """Write a resumable checkpoint atomically (temp folder + rename)."""
+                    sched: Any, state: LoopState, extra: dict[str, Any] | None = None,
+                    dp: Parallel | None = None) -> None:
+    """Write a resumable checkpoint atomically (temp folder + rename).
+
+    With ``dp`` distributed, every rank must call it: weights and optimizer state are gathered
+    unsharded (the single-process format), every rank's RNG is kept in ``rng_ranks.pt``, rank 0
+    writes, and all ranks wait until the checkpoint is complete.
+    """
+    if dp is not None and dp.distributed:
+        _save_checkpoint_distributed(path, opt, sched, state, extra, dp)
+        return
     with atomic_dir(path) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         rng = _rng_state()
@@ -136,12 +152,47 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
 
+def _save_checkpoint_distributed(path: Path, opt: torch.optim.Optimizer, sched: Any, state: LoopState,
+                                 extra: dict[str, Any] | None, dp: Parallel) -> None:
+    weights = dp.trainable_state()  # collectives first, on every rank, in the same order
+    optim = dp.optimizer_state(opt)
+    rngs = dp.rng_states()
+    if dp.is_main:
+        with atomic_dir(path) as tmp:
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "torch_rng": rngs[0]["torch"],
+                        "cuda_rng": None}, tmp / "optimizer.pt")
+            torch.save(rngs, tmp / "rng_ranks.pt")
+            meta = {"state": asdict(state), "python_rng": _pyrng_to_json(random.getstate()),
+                    "world_size": dp.world, "parallel": dp.kind, **(extra or {})}
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    barrier()  # nobody reads or prunes a checkpoint before it is complete
+
+
 def _pyrng_to_json(st: tuple) -> list:
     return [st[0], list(st[1]), st[2]]
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> LoopState:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                    dp: Parallel | None = None, seed: int = 0) -> LoopState:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state.
+
+    With ``dp`` distributed every rank reads the (unsharded) checkpoint, whatever number of
+    processes wrote it; each rank gets its own RNG back when the world size is unchanged.
+    """
+    if dp is not None and dp.distributed:
+        dp.load_trainable_state(load_file(str(path / "trainable.safetensors")))
+        blob = torch.load(path / "optimizer.pt", weights_only=True)
+        dp.load_optimizer_state(opt, blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        meta = json.loads((path / "state.json").read_text())
+        st = LoopState(**meta["state"])
+        ranks = path / "rng_ranks.pt"
+        torch.set_rng_state(blob["torch_rng"])
+        dp.set_rng(torch.load(ranks, weights_only=True) if ranks.is_file() else None, seed, st.step)
+        v, s, g = meta["python_rng"]
+        random.setstate((v, tuple(s), g))
+        return st
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     # weights_only=True: tensors and plain containers only, never arbitrary pickled code.
     blob = torch.load(path / "optimizer.pt", weights_only=True)
@@ -222,6 +273,10 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
           group_by_length: bool = True) -> dict[str, Any]:
     """Train ``model`` in place; return a summary (steps, best metric, timing, memory).
 
+    Under torchrun every rank calls this with the same arguments (see :mod:`slimtune.distributed`);
+    afterwards ``model`` holds the trained weights on every rank (DDP) or on rank 0 only (FSDP:
+    gathered from the shards, on the CPU; other ranks keep meta placeholders).
+
     Args:
         model: the model with the method already applied (only its trainable params update).
         method: the registered method; ``on_step_end`` is called after each optimizer step.
@@ -235,7 +290,12 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
         loss_fn: computes the scalar loss of a batch (distillation passes its own).
         group_by_length: batch examples of similar length together (see data.epoch_batches).
     """
-    device = next(model.parameters()).device
+    dp = Parallel(model, fsdp=cfg.fsdp, find_unused_parameters=cfg.ddp_find_unused_parameters)
+    if dp.kind == "fsdp" and cfg.precision == "fp16":
+        raise ValueError("train.precision=fp16 is not supported with train.fsdp (sharded gradients need a "
+                         "sharded loss scaler); use bf16")
+    net, model = dp.net, dp.module  # net: what the loss calls (DDP wrapper); model: what trains
+    device = dp.device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
@@ -244,13 +304,17 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     state = LoopState()
     resumed = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if dp.distributed:
+        resumed = broadcast_object(resumed)  # rank 0's view of the folder decides
+        dp.seed_ranks(cfg.seed)
     if resumed is not None:
-        state = load_checkpoint(resumed, model, opt, sched)
-        print(f"[slimtune] resuming from {resumed} (step {state.step}/{total_steps})", file=sys.stderr)
-    log = MetricsLog(out_dir, state.step, cfg.tensorboard)
+        state = load_checkpoint(resumed, model, opt, sched, dp=dp, seed=cfg.seed)
+        if dp.is_main:
+            print(f"[slimtune] resuming from {resumed} (step {state.step}/{total_steps})", file=sys.stderr)
+    log = MetricsLog(out_dir, state.step, cfg.tensorboard) if dp.is_main else _NullLog()
     lengths = data.lengths()
     sign = -1.0 if metric == "loss" else 1.0  # we maximise sign * metric
-    progress = _progress(cfg, total_steps, state.step)
+    progress = _progress(cfg, total_steps, state.step, dp.is_main)
     model.train()
     stop = False
     while state.step < total_steps and not stop:
@@ -261,19 +325,24 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
             group = batches[state.batch: state.batch + cfg.grad_accum]
             n_group = sum(len(i) for i in group)
             loss_sum = 0.0
-            for idx in group:
-                batch = {k: v.to(device, non_blocking=True) for k, v in collate(data, idx).items()}
-                with autocast_ctx(cfg.precision, device):
-                    loss = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {state.step + 1} (epoch {state.epoch}); "
-                        f"stopped. Last good checkpoint: {latest_checkpoint(ckpt_dir) or 'none yet'}. "
-                        f"Try a lower train.lr or train.precision=fp32.")
-                # Weight each micro-batch by its size: the step's gradient is the mean over
-                # all examples of the group, whatever the split.
-                scaler.scale(loss * (len(idx) / n_group)).backward()
-                loss_sum += loss.item() * len(idx)
+            for j, idx in enumerate(group):
+                mine = dp.local(idx)  # this rank's slice of the global micro-batch (all of it alone)
+                with dp.sync(last=j == len(group) - 1):
+                    # An empty slice still runs a forward/backward, at weight 0, so that every
+                    # rank joins the gradient all-reduce.
+                    batch = {k: v.to(device, non_blocking=True) for k, v in collate(data, mine or idx[:1]).items()}
+                    with autocast_ctx(cfg.precision, device):
+                        loss = loss_fn(net, batch)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"loss is {loss.item()} at step {state.step + 1} (epoch {state.epoch}); "
+                            f"stopped. Last good checkpoint: {latest_checkpoint(ckpt_dir) or 'none yet'}. "
+                            f"Try a lower train.lr or train.precision=fp32.")
+                    # Weight each micro-batch by its size: the step's gradient is the mean over
+                    # all examples of the group, whatever the split. DDP averages over ranks,
+                    # hence the factor world (1 alone): uneven slices stay exact.
+                    scaler.scale(loss * (len(mine) * dp.world / n_group)).backward()
+                loss_sum += loss.item() * len(mine)
             if cfg.max_grad_norm > 0:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -291,6 +360,8 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
                 state.epoch, state.batch = state.epoch + 1, 0
             progress.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
+                if dp.distributed:
+                    loss_sum = all_reduce_sum([loss_sum])[0]
                 log.write(state.step, {"train/loss": loss_sum / n_group, "train/lr": sched.get_last_lr()[0],
                                        "train/epoch": state.epoch + state.batch / len(batches),
                                        "train/samples_per_s": state.samples / max(state.train_seconds, 1e-9)})
@@ -299,43 +370,67 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
             do_eval = eval_fn is not None and (
                 last or (state.step % cfg.eval_every == 0 if cfg.eval_every > 0 else epoch_end))
             if do_eval:
-                result = eval_fn(model)
+                # Every rank evaluates (FSDP needs all of them for each forward; no rank idles
+                # into a collective timeout); rank 0's numbers decide for all.
+                result = eval_fn(net if dp.kind == "fsdp" else model)
                 model.train()
+                if dp.distributed:
+                    result = broadcast_object(result)
                 log.write(state.step, {f"eval/{k}": v for k, v in result.items()
                                        if isinstance(v, (int, float))})
                 value = sign * float(result[metric])
                 if state.best is None or value > state.best:
                     state.best, state.best_step, state.bad_evals = value, state.step, 0
-                    with atomic_dir(ckpt_dir / "best") as tmp:
-                        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-                        (tmp / "state.json").write_text(json.dumps({"step": state.step, metric: result[metric]}))
+                    weights = dp.trainable_state() if dp.distributed else trainable_state(model)
+                    if dp.is_main:
+                        with atomic_dir(ckpt_dir / "best") as tmp:
+                            save_file(weights, str(tmp / "trainable.safetensors"))
+                            (tmp / "state.json").write_text(json.dumps({"step": state.step, metric: result[metric]}))
                 else:
                     state.bad_evals += 1
                     if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
-                        print(f"[slimtune] early stopping at step {state.step}: no {metric} improvement "
-                              f"in {state.bad_evals} evaluations", file=sys.stderr)
+                        if dp.is_main:
+                            print(f"[slimtune] early stopping at step {state.step}: no {metric} improvement "
+                                  f"in {state.bad_evals} evaluations", file=sys.stderr)
                         stop = True
             if do_eval or (cfg.save_every > 0 and state.step % cfg.save_every == 0) or last or stop:
-                save_checkpoint(ckpt_dir / f"step-{state.step:07d}", model, opt, sched, state)
-                _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+                save_checkpoint(ckpt_dir / f"step-{state.step:07d}", model, opt, sched, state, dp=dp)
+                if dp.is_main:
+                    _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
             if stop or epoch_end:
                 break
     progress.close()
     log.close()
+    barrier()
     best_path = ckpt_dir / "best" / "trainable.safetensors"
     if best_path.is_file():  # finish on the best evaluated weights
-        load_trainable_state(model, load_file(str(best_path)))
+        if dp.distributed:
+            dp.load_trainable_state(load_file(str(best_path)))
+        else:
+            load_trainable_state(model, load_file(str(best_path)))
+    dp.finish()
     return {"steps": state.step, "epochs": state.epoch + state.batch / max(1, num_batches(len(data), cfg.batch_size)),
             "best_step": state.best_step,
             f"best_{metric}": None if state.best is None else sign * state.best,
             "train_seconds": state.train_seconds, "samples": state.samples,
             "samples_per_s": state.samples / max(state.train_seconds, 1e-9),
             "stopped_early": stop, "peak_rss_mb": peak_rss_mb(),
-            "resumed_from_step": int(resumed.name.split("-")[1]) if resumed is not None else None}
+            "resumed_from_step": int(resumed.name.split("-")[1]) if resumed is not None else None,
+            **({"world_size": dp.world, "parallel": dp.kind} if dp.distributed else {})}
 
 
-def _progress(cfg: TrainConfig, total: int, initial: int) -> Any:
+class _NullLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(cfg: TrainConfig, total: int, initial: int, main: bool = True) -> Any:
     from tqdm.auto import tqdm
 
-    disable = not cfg.progress or not sys.stderr.isatty() or os.environ.get("SLIMTUNE_NO_PROGRESS") == "1"
+    disable = not main or not cfg.progress or not sys.stderr.isatty() or os.environ.get("SLIMTUNE_NO_PROGRESS") == "1"
     return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)
