@@ -148,6 +148,7 @@ class Search:
         self.costs: dict[str, float] = {}  # kind of step -> seconds of the last one
         self.teacher_cfg = json.loads((Path(s.model) / "config.json").read_text())
         self.min_accuracy: float | None = None
+        self.eval_key = [s.eval, s.max_eval_samples, s.max_length]  # accuracies are comparable iff equal
         self._ref: Any = None  # teacher predict + inputs for quick latency probes
         self.last_depth = 1  # depth of the last distilled student (scales the next one's cost)
 
@@ -195,7 +196,7 @@ class Search:
         marker = d / "candidate.json"
         if marker.is_file():
             old = json.loads(marker.read_text())
-            if old.get("settings") == settings and old.get("status") == "ok":
+            if old.get("settings") == settings and old.get("status") == "ok" and old.get("eval_key") == self.eval_key:
                 self.say(f"{name}: reusing {d}")
                 self.cands[name] = old
                 self.save()
@@ -226,7 +227,7 @@ class Search:
             return None
         self.costs[kind] = time.monotonic() - t
         c = self.record(name, parent=parent, settings=settings, status="ok", path=str(d),
-                        seconds=round(self.costs[kind], 1), **c)
+                        seconds=round(self.costs[kind], 1), eval_key=self.eval_key, **c)
         from slimtune.io import atomic_write_json
 
         atomic_write_json(marker, c)
@@ -280,7 +281,8 @@ class Search:
 
     def quantized(self, parent: dict[str, Any], cfg: dict[str, Any], layers: int, ffn_keep: float,
                   vocab: int | None) -> None:
-        """The int8 ONNX Runtime child of ``parent`` (embeddings included)."""
+        """The int8 ONNX Runtime child of ``parent`` (embeddings included). No SQNR gate (and so
+        no mixed-precision search): the candidate's accuracy is what the search judges."""
         from slimtune.quantize import run_quantize
 
         if "int8" not in self.s.quant:
@@ -292,7 +294,7 @@ class Search:
         def make(d: Path) -> None:
             run_quantize(parent["path"], "int8", str(d), backend="onnxruntime", threads=s.threads,
                          batch_size=s.bench_batch_size, seq_len=s.bench_seq_len, repeats=5,
-                         min_sqnr_db=0.0, max_accuracy_drop=100.0, calib_path=s.train, calib_samples=64)
+                         min_sqnr_db=-1000.0, max_accuracy_drop=100.0, calib_path=s.train, calib_samples=64)
 
         self.build(parent["name"] + "-int8", parent["name"], settings, "quantize", make, pred)
 
@@ -452,6 +454,12 @@ def finish(S: Search, t_eval: dict[str, Any]) -> dict[str, Any]:
     from slimtune.report import pareto_front, write_report
 
     s = S.s
+    # Candidates an earlier run built in this folder (same evaluation data) stay in the comparison.
+    for marker in sorted(S.cand_dir.glob("*/candidate.json")):
+        old = json.loads(marker.read_text())
+        if old.get("status") == "ok" and old.get("eval_key") == S.eval_key and \
+                S.cands.get(old["name"], {}).get("status") != "ok":
+            S.cands[old["name"]] = {**old, "reason": None, "from_earlier_run": True}
     ok = [c for c in S.cands.values() if c.get("status") == "ok"]
     S.say(f"final side-by-side bench of {len(ok)} models (threads {s.threads}, batch {s.bench_batch_size}, "
           f"seq {s.bench_seq_len}, {s.bench_repeats} interleaved rounds)")

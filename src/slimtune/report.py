@@ -146,7 +146,7 @@ def pareto_svg(rows: list[dict[str, Any]], teacher: dict[str, Any] | None = None
         ax.set_xlabel(label + ", log scale")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     axes[0].set_title("accuracy vs latency")
     axes[1].set_title("accuracy vs size")
     return _svg(fig)
