@@ -223,6 +223,9 @@ def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)
+    from slimtune import distributed
+
+    distributed.init_distributed()  # under torchrun: join the group, pick this rank's GPU
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher_path = resolve(m.name)
 
@@ -278,9 +281,11 @@ def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
     settings = {"teacher_dtype": dcfg.teacher_dtype, "task": m.task}
     train_cache = None
     if use_cache and need_teacher:
-        train_cache = teacher_cache(teacher, teacher_path, t_train, root, settings=settings,
-                                    batch_size=t.eval_batch_size, teacher_hash=t_hash)
-        print(f"[slimtune] teacher logits cache {train_cache.status}: {train_cache.path}", file=sys.stderr)
+        with distributed.main_first():  # rank 0 fills the cache, the other ranks then read it
+            train_cache = teacher_cache(teacher, teacher_path, t_train, root, settings=settings,
+                                        batch_size=t.eval_batch_size, teacher_hash=t_hash)
+        if distributed.is_main():
+            print(f"[slimtune] teacher logits cache {train_cache.status}: {train_cache.path}", file=sys.stderr)
         s_train.example_ids = True  # collate adds example_ids; DistillLoss looks rows up by them
 
     # --- teacher quality on the eval data (cached for classifiers: computed once per teacher+data)
@@ -298,8 +303,9 @@ def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
             result["perplexity_before"] = evaluate_any(student, s_eval, m.task, labels, t.eval_batch_size)["perplexity"]
         else:
             if dcfg.teacher_cache != "off":
-                ev_logits = teacher_cache(teacher, teacher_path, t_eval, root, settings=settings,
-                                          batch_size=t.eval_batch_size, teacher_hash=t_hash).all()
+                with distributed.main_first():
+                    ev_logits = teacher_cache(teacher, teacher_path, t_eval, root, settings=settings,
+                                              batch_size=t.eval_batch_size, teacher_hash=t_hash).all()
                 tm = classification_metrics(ev_logits.argmax(-1).tolist(), t_eval.labels, labels)
             else:
                 tm = evaluate_any(teacher, t_eval, m.task, labels, t.eval_batch_size)
@@ -326,6 +332,8 @@ def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
     params_trained = count_params(student, trainable_only=True)
     summary = train(student, method, recipe.method, s_train, t, out, total_steps=total_steps,
                     eval_fn=eval_fn, metric=metric, loss_fn=loss_fn, group_by_length=recipe.data.group_by_length)
+    if not distributed.is_main():
+        return {"rank": distributed.rank(), "train": summary}  # rank 0 exports and evaluates
     detach_projection(student)
 
     # --- export: plain transformers folder (temp folder, then move into place)
@@ -418,7 +426,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise SystemExit("slimtune distill: --train (data.train) is required")
     if recipe.output is None:
         raise SystemExit("slimtune distill: --output is required")
-    result = run_distill(recipe, dcfg)
+    from slimtune import distributed
+
+    rc = distributed.relaunch(getattr(args, "argv", sys.argv[1:]), getattr(args, "nproc", None))
+    if rc is not None:  # this process only launched the ranks (torch.distributed.run)
+        return rc
+    try:
+        result = run_distill(recipe, dcfg)
+    finally:
+        distributed.teardown()
+    if not distributed.is_main():
+        return 0
     print_finetune_result(result, recipe.output)
     if "teacher_accuracy" in result:
         print(f"\nteacher accuracy {result['teacher_accuracy']:.4f}   student {result['accuracy']:.4f}   "
@@ -441,4 +459,6 @@ def add_cli(subparsers: Any) -> None:
     add_recipe_flags(p, distill_flags())
     p.add_argument("--intermediate", action="store_true", default=None,
                    help="also match hidden states and attention maps [distill.intermediate]")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel processes on this machine (torch.distributed.run; see docs/distributed.md)")
     p.set_defaults(func=cmd_distill)
