@@ -384,7 +384,7 @@ def _run_quantize(plan: Plan, cfg: QuantizeStage, current: str, d: Path) -> None
     from slimtune.quantize import run_quantize
 
     data = plan.tree.get("data") or {}
-    shutil.rmtree(d, ignore_errors=True)  # run_quantize writes the folder atomically
+    # run_quantize replaces the folder atomically when done (stage.json is rewritten after it)
     run_quantize(current, cfg.scheme, str(d), eval_path=data.get("eval"), granularity=cfg.granularity,
                  group_size=cfg.group_size, bits=cfg.bits, include_embeddings=cfg.include_embeddings,
                  backend=cfg.backend, repeats=cfg.repeats, threads=cfg.threads, batch_size=cfg.batch_size,
