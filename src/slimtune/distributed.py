@@ -286,6 +286,7 @@ class Parallel:
         self.world, self.rank = world_size(), rank()
         self.is_main = self.rank == 0
         self._caller = model
+        self.synced_bytes = 0
         if self.world == 1:
             self.kind, self.net, self.module = "single", model, model
             self.device = next(model.parameters()).device
@@ -297,6 +298,9 @@ class Parallel:
 
             self.kind = "fsdp"
             _check_same_init(model)
+            # gradients reduce-scattered per step; weights are also all-gathered in forward and
+            # backward (~1.5x DDP's traffic for a full fine-tune)
+            self.synced_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
             work = _split_off_params(model)
             mesh = init_device_mesh(self.device.type, (self.world,))
             blocks = _block_classes(work)
@@ -316,6 +320,10 @@ class Parallel:
             # (and head) gradients are all-reduced; the frozen base is never communicated.
             self.net = _DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
             self.module = model
+            try:  # what DDP itself all-reduces per step (frozen weights excluded)
+                self.synced_bytes = int(self.net._get_ddp_logging_data()["total_parameter_size_bytes"])
+            except (AttributeError, KeyError, RuntimeError):
+                self.synced_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
     @property
     def distributed(self) -> bool:

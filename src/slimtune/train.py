@@ -416,7 +416,8 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
             "samples_per_s": state.samples / max(state.train_seconds, 1e-9),
             "stopped_early": stop, "peak_rss_mb": peak_rss_mb(),
             "resumed_from_step": int(resumed.name.split("-")[1]) if resumed is not None else None,
-            **({"world_size": dp.world, "parallel": dp.kind} if dp.distributed else {})}
+            **({"world_size": dp.world, "parallel": dp.kind,
+                "grad_sync_mb": dp.synced_bytes / 1e6} if dp.distributed else {})}
 
 
 class _NullLog:
