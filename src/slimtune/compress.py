@@ -423,8 +423,10 @@ def _ffn_ladder(S: Search, parent: dict[str, Any], cfg: dict[str, Any], d: int, 
                                     recover_steps=s.recover_steps, kd=True, lr=s.lr, batch_size=s.batch_size,
                                     max_length=s.max_length, max_train_samples=s.max_train_samples, seed=s.seed))
 
-        pred_fp32 = predict_size_mb(cfg, layers=d, ffn_keep=1 - f, vocab=vocab_n)
-        c = S.build(name, parent["name"], settings, "ffn", make, pred_fp32 if "none" in s.quant else None)
+        # the smallest thing this step leads to: its int8 child if asked for, else itself
+        pred = predict_size_mb(cfg, layers=d, ffn_keep=1 - f, vocab=vocab_n,
+                               int8="int8" in s.quant and "none" not in s.quant)
+        c = S.build(name, parent["name"], settings, "ffn", make, pred)
         if c is None:
             continue
         S.quantized(c, cfg, d, 1 - f, vocab_n)
