@@ -7,8 +7,8 @@ the shared heavy-run lock, then this script collects from each run folder: accur
 fine-tuning). It prints a Markdown table, AdaLoRA's final per-layer ranks and the sharing
 comparison, and writes everything to ``OUT/peft_methods.json``.
 
-    flock-free invocation (the script takes the lock per run):
-    python bench/peft_methods.py --out /work/artifacts/peft-methods
+    python bench/peft_methods.py --out DIR          # takes the lock around each run
+    flock /tmp/slimtune-heavy.lock python bench/peft_methods.py --out DIR --lock ''   # one hold
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ RUNS: list[tuple[str, str, float, list[str]]] = [
     ("full", "full", 1e-4, []),
     ("lora r16", "lora", 1e-3, []),
     ("adalora 12->8", "adalora", 1e-3, ["method.init_r=12", "method.target_r=8"]),
+    ("adalora 12->8 orth0", "adalora", 1e-3, ["method.init_r=12", "method.target_r=8", "method.orth_reg_weight=0"]),
     ("ia3", "ia3", 5e-3, []),
     ("adapters 64 both", "adapters", 1e-3, ["method.size=64", "method.placement=both"]),
     ("sharing 6->3", "sharing", 1e-4, ["method.groups=3", "method.init=mean"]),
@@ -49,8 +50,9 @@ def run_one(label: str, method: str, lr: float, extra: list[str], args: argparse
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(lr),
            "--seed", str(args.seed), "train.tensorboard=false", "train.resume=false", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLIMTUNE_NO_PROGRESS": "1"}
-    with open(args.lock, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # same lock as `flock /tmp/slimtune-heavy.lock ...`
+    with open(args.lock or os.devnull, "a") as lock:
+        if args.lock:  # same lock as `flock /tmp/slimtune-heavy.lock ...`
+            fcntl.flock(lock, fcntl.LOCK_EX)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -105,23 +107,27 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--only", nargs="*", help="run only these labels")
-    p.add_argument("--lock", default="/tmp/slimtune-heavy.lock")
+    p.add_argument("--lock", default="/tmp/slimtune-heavy.lock",
+                   help="lock file taken around each run; '' when the caller already holds it")
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     json_path = Path(args.out) / "peft_methods.json"
     rows: list[dict[str, Any]] = []
+    if args.only and json_path.is_file():  # re-running some labels: keep the others' results
+        rows = [r for r in json.loads(json_path.read_text())["runs"] if r["label"] not in args.only]
     for label, method, lr, extra in RUNS:
         if args.only and label not in args.only:
             continue
         rows.append(run_one(label, method, lr, extra, args))
+        order = [r[0] for r in RUNS]
+        rows.sort(key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
         json_path.write_text(json.dumps({"settings": vars(args), "runs": rows}, indent=1))  # partial results survive
     print(f"MiniLM-L6 on SST-2: {args.train_rows} training rows, {args.epochs:g} epoch(s), batch {args.batch_size}, "
           f"seed {args.seed}; accuracy on {args.eval}\n")
     print(table(rows))
-    ada = next((r for r in rows if r["method"] == "adalora"), None)
-    if ada:
+    for ada in (r for r in rows if r["method"] == "adalora"):
         rk = ada["adalora_ranks"]
-        print(f"\nAdaLoRA final ranks (init {rk['init_r']}, target mean {rk['target_r']}, "
+        print(f"\n{ada['label']}: final ranks (init {rk['init_r']}, target mean {rk['target_r']}, "
               f"total {rk['total_rank']} = budget {rk['budget']}):\n")
         print(rank_table(rk))
     full = next((r for r in rows if r["method"] == "full"), None)
