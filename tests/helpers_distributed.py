@@ -68,7 +68,7 @@ def run(root: Path, name: str, out: Path) -> dict[str, Any]:
     method_name = "lora" if name.startswith("lora") else "full"
     train_cfg: dict[str, Any] = {}
     total, loss_fn = STEPS, None
-    if name.startswith("fsdp"):
+    if "fsdp" in name:
         train_cfg["fsdp"] = True
     if name.endswith(("phase1", "phase2")):  # constant LR: the schedule does not depend on total
         train_cfg.update(scheduler="constant", save_every=1000)
@@ -96,7 +96,7 @@ def run(root: Path, name: str, out: Path) -> dict[str, Any]:
 
 # What the 2-rank worker runs, in order. ddp_phase2 resumes a checkpoint that pytest wrote with
 # one process (under ROOT/single_phase1 copied to ROOT/ddp_phase2 before launching).
-WORKER_SCENARIOS = ("lora", "fsdp", "fsdp_phase1", "ddp_phase2", "distill")
+WORKER_SCENARIOS = ("lora", "lora_fsdp", "fsdp", "fsdp_phase1", "ddp_phase2", "distill")
 
 
 def worker_main(root: Path) -> None:
