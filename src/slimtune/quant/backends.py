@@ -284,6 +284,8 @@ def time_candidates(predicts: dict[str, Predict], inputs: dict[str, torch.Tensor
 
     A candidate slower than ``prescreen_ratio`` x the reference over 3 calls is dropped before
     the long interleaved run (recorded with its pre-screen time) so it cannot eat the budget.
+    The fastest candidate is always kept: the pre-screen narrows a choice, it never leaves
+    none (a backend forced by the user is its only candidate, and 3 calls on a busy CPU are noisy).
     """
     from slimtune.bench import measure_latency
 
@@ -296,8 +298,9 @@ def time_candidates(predicts: dict[str, Predict], inputs: dict[str, torch.Tensor
             predicts[n](inputs)
         pre[n] = (time.perf_counter() - t0) / 3 * 1000
     ref = pre[names[0]]
+    fastest = min(names[1:], key=pre.__getitem__, default=None)
     dropped = {n: f"pre-screen {pre[n]:.1f} ms vs {ref:.1f} ms for {names[0]} (> {prescreen_ratio:g}x)"
-               for n in names[1:] if pre[n] > prescreen_ratio * ref}
+               for n in names[1:] if pre[n] > prescreen_ratio * ref and n != fastest}
     runners = {n: (lambda p=predicts[n]: p(inputs)) for n in names if n not in dropped}
     return measure_latency(runners, repeats=repeats, warmup=warmup), dropped
 
