@@ -107,16 +107,11 @@ def layer_ranks(model: torch.nn.Module) -> dict[str, int]:
 
 
 def _block_linears(model: torch.nn.Module) -> list[str]:
-    """Full names of the linear layers inside the transformer blocks.
-
-    ``default_target_modules`` gives last name components (``dense``), which PEFT also matches
-    in BERT's pooler (``bert.pooler.dense``); full names keep the rank budget off the pooler.
-    """
-    last = set(default_target_modules(model))
+    """Full names of the linear layers inside numbered transformer blocks (the rank budget's
+    domain: embeddings-side or head-side linears outside blocks are left alone)."""
+    every = default_target_modules(model)
     blocks = re.compile(r"\.\d+\.")  # inside a numbered block: encoder.layer.3. / layers.3.
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in last and blocks.search(n)]
-    return names or sorted(last)
+    return [n for n in every if blocks.search(n)] or every
 
 
 def _by_layer(ranks: dict[str, int]) -> dict[str, dict[str, int]]:

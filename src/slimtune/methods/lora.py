@@ -44,16 +44,15 @@ def peft_task_type(task: str) -> str:
 
 
 def default_target_modules(model: torch.nn.Module) -> list[str]:
-    """Names (last component) of every ``nn.Linear`` inside the transformer blocks.
+    """Full names of every ``nn.Linear`` inside the transformer blocks.
 
     The task head (classifier/score/lm_head) and the pooler are excluded: the head trains in
-    full through ``modules_to_save``, and tied output embeddings must stay tied.
+    full through ``modules_to_save``, and tied output embeddings must stay tied. Full names,
+    not last components: PEFT matches by suffix, so ``dense`` would also catch ``pooler.dense``.
     """
     excluded = ("classifier", "score", "lm_head", "pooler", "pre_classifier")
-    names: set[str] = set()
-    for full_name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and not any(part in excluded for part in full_name.split(".")):
-            names.add(full_name.split(".")[-1])
+    names = [full_name for full_name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and not any(part in excluded for part in full_name.split("."))]
     if not names:
         raise ValueError("no linear layers found to adapt; set method.target_modules")
     return sorted(names)
