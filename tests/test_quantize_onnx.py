@@ -148,9 +148,20 @@ def test_choose_picks_fastest_passing_candidate() -> None:
 def test_time_candidates_prescreen_drops_slow_ones() -> None:
     import time
 
-    lat, dropped = B.time_candidates({"ref": lambda b: None, "slow": lambda b: time.sleep(0.01)}, {},
-                                     repeats=3, prescreen_ratio=3.0)
-    assert "slow" in dropped and "pre-screen" in dropped["slow"] and set(lat) == {"ref"}
+    def ref(b):
+        return time.sleep(0.001)
+
+    def fast(b):
+        return time.sleep(0.001)
+
+    def slow(b):
+        return time.sleep(0.03)
+
+    lat, dropped = B.time_candidates({"ref": ref, "fast": fast, "slow": slow}, {}, repeats=3, prescreen_ratio=3.0)
+    assert "slow" in dropped and "pre-screen" in dropped["slow"] and set(lat) == {"ref", "fast"}
+    # The fastest candidate is never dropped: a forced backend is the only candidate.
+    lat, dropped = B.time_candidates({"ref": ref, "slow": slow}, {}, repeats=3, prescreen_ratio=3.0)
+    assert dropped == {} and set(lat) == {"ref", "slow"}
 
 
 def test_mixed_precision_keeps_float_activations_with_int8_weights(tmp_path) -> None:
