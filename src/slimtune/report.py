@@ -141,9 +141,11 @@ def pareto_svg(rows: list[dict[str, Any]], teacher: dict[str, Any] | None = None
             ax.axhline(teacher["accuracy"], c="#2e9b47", ls=":", lw=1, label="teacher accuracy")
         if min_accuracy is not None:
             ax.axhline(min_accuracy, c="#c62828", ls="--", lw=1, label="accuracy constraint")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(_null_formatter())  # minor log labels overlap
-        ax.set_xlabel(label + ", log scale")
+        log = max(xs) / max(min(xs), 1e-12) > 20  # log scale only for a wide range (else no tick labels)
+        if log:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(_null_formatter())  # minor log labels overlap
+        ax.set_xlabel(label + (", log scale" if log else ""))
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
