@@ -39,7 +39,7 @@ rows = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask
 model = AutoModelForSequenceClassification.from_pretrained(
     path, num_labels=2, id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
 args = TrainingArguments(output_dir=a["out"], per_device_train_batch_size=a["bs"], num_train_epochs=a["epochs"],
-                         learning_rate=a["lr"], warmup_ratio=0.06, weight_decay=0.01, lr_scheduler_type="linear",
+                         learning_rate=a["lr"], warmup_steps=0.06, weight_decay=0.01, lr_scheduler_type="linear",
                          max_grad_norm=1.0, seed=a["seed"], report_to=[], save_strategy="no", eval_strategy="no",
                          logging_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available())
 trainer = Trainer(model=model, args=args, train_dataset=rows, processing_class=tok)
