@@ -10,7 +10,7 @@ accuracy on sst2/test.tsv (872 rows) and the largest weight difference between t
 
 Run under the shared CPU lock:
 
-    flock /tmp/slimtune-heavy.lock python bench/distributed.py --rows 4000 --epochs 1 [--fsdp]
+    flock /tmp/slimtune-heavy.lock python bench/distributed.py --rows 8000 --epochs 1 --seeds 42 43 44 [--fsdp]
 """
 
 from __future__ import annotations
@@ -64,34 +64,58 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42],
+                   help="one pair of runs per seed; accuracy is compared on the mean over seeds, next to the "
+                        "seed-to-seed spread (dropout draws differ per rank, so one pair alone is noise-bound)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads in all (split over processes)")
     p.add_argument("--fsdp", action="store_true", help="also run N processes with train.fsdp=true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distributed.json"))
     args = p.parse_args()
-    a = vars(args)
     per = max(1, args.threads // args.nproc)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = {"1 process": run(a, Path(tmp, "one"), 1, args.threads, [])}
-        rows[f"{args.nproc} processes (DDP)"] = run(a, Path(tmp, "ddp"), args.nproc, per, [])
-        diffs = {"ddp": max_weight_diff(Path(tmp, "one"), Path(tmp, "ddp"))}
-        if args.fsdp:
-            rows[f"{args.nproc} processes (FSDP)"] = run(a, Path(tmp, "fsdp"), args.nproc, per, ["train.fsdp=true"])
-            diffs["fsdp"] = max_weight_diff(Path(tmp, "one"), Path(tmp, "fsdp"))
-    base = rows["1 process"]
+    configs = {"1 process": (1, args.threads, []), f"{args.nproc} processes (DDP)": (args.nproc, per, [])}
+    if args.fsdp:
+        configs[f"{args.nproc} processes (FSDP)"] = (args.nproc, per, ["train.fsdp=true"])
+    runs: dict[str, list[dict]] = {k: [] for k in configs}
+    diffs: dict[str, list[float]] = {k: [] for k in configs if k != "1 process"}
+    for seed in args.seeds:
+        a = {**vars(args), "seed": seed}
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, (name, (nproc, threads, extra)) in enumerate(configs.items()):
+                runs[name].append(run(a, Path(tmp, str(i)), nproc, threads, extra))
+                if i:
+                    diffs[name].append(max_weight_diff(Path(tmp, "0"), Path(tmp, str(i))))
+        print(f"[bench] seed {seed}: " + ", ".join(f"{k} {v[-1]['accuracy']:.4f}" for k, v in runs.items()),
+              file=sys.stderr, flush=True)
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    def std(xs: list[float]) -> float:
+        return (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else float("nan")
+
+    base = runs["1 process"]
     print(f"MiniLM full fine-tune on {args.rows} SST-2 rows, global batch {args.batch_size}, {args.epochs:g} epoch(s), "
-          f"{os.cpu_count()} cores, {args.threads} threads in all; accuracy on sst2/test.tsv (872 rows)\n")
-    print("| run | procs x threads | samples/s | vs 1 proc | train s | wall s (end to end) | accuracy | Δ acc (pt) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['nproc']} x {r['threads_per_proc']} | {r['samples_per_s']:.1f} | "
-              f"{r['samples_per_s'] / base['samples_per_s']:.2f}x | {r['train_seconds']:.1f} | {r['wall_seconds']:.1f} | "
-              f"{r['accuracy']:.4f} | {100 * (r['accuracy'] - base['accuracy']):+.2f} |")
-    print("\nmax |weight difference| vs 1 process: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+          f"{os.cpu_count()} cores, {args.threads} threads in all, seeds {args.seeds}; accuracy on sst2/test.tsv "
+          f"(872 rows), mean over seeds\n")
+    print("| run | procs x threads | samples/s | vs 1 proc | train s | wall s (end to end) | accuracy (mean ± sd) "
+          "| per seed | Δ acc vs 1 proc (pt) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    summary = {}
+    for name, rs in runs.items():
+        acc = [r["accuracy"] for r in rs]
+        sps = mean([r["samples_per_s"] for r in rs])
+        summary[name] = {"accuracy_mean": mean(acc), "accuracy_sd": std(acc), "samples_per_s_mean": sps,
+                         "delta_pt": 100 * (mean(acc) - mean([r["accuracy"] for r in base]))}
+        print(f"| {name} | {rs[0]['nproc']} x {rs[0]['threads_per_proc']} | {sps:.1f} | "
+              f"{sps / mean([r['samples_per_s'] for r in base]):.2f}x | {mean([r['train_seconds'] for r in rs]):.1f} | "
+              f"{mean([r['wall_seconds'] for r in rs]):.1f} | {mean(acc):.4f} ± {100 * std(acc):.2f} pt | "
+              f"{' '.join(f'{x:.4f}' for x in acc)} | {summary[name]['delta_pt']:+.2f} |")
+    print("\nmax |weight difference| vs 1 process: " +
+          ", ".join(f"{k} {max(v):.2e}" for k, v in diffs.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": rows, "max_weight_diff": diffs, "settings": a,
-                                          "cores": os.cpu_count()}, indent=2))
+    Path(args.out).write_text(json.dumps({"runs": runs, "summary": summary, "max_weight_diff": diffs,
+                                          "settings": vars(args), "cores": os.cpu_count()}, indent=2))
     print(f"\nwrote {args.out}")
 
 
