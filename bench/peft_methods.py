@@ -34,6 +34,7 @@ RUNS: list[tuple[str, str, float, list[str]]] = [
     ("adapters 64 both", "adapters", 1e-3, ["method.size=64", "method.placement=both"]),
     ("sharing 6->3", "sharing", 1e-4, ["method.groups=3", "method.init=mean"]),
     ("sharing 6->3 + emb r192", "sharing", 1e-4, ["method.groups=3", "method.init=mean", "method.embedding_rank=192"]),
+    ("sharing 6->3 + emb r192 + relax r32", "sharing", 1e-4, ["method.groups=3", "method.init=mean", "method.embedding_rank=192", "method.share=matrices", "method.relax_rank=32"]),
 ]
 
 # What must be stored to serve each method (relative to the run folder).
