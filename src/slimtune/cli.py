@@ -84,17 +84,28 @@ def _recipe_epilog() -> str:
     return "\n".join(lines)
 
 
+def relaunch_training(args: argparse.Namespace, recipe: Any, command: str) -> int | None:
+    """Check a training command's recipe, then re-launch the command as ``--nproc`` ranks if asked.
+
+    Raises SystemExit when ``data.train`` or ``output`` is missing. Returns the exit code of
+    ``torch.distributed.run`` when this process only launched the ranks, else None: the caller
+    runs the job itself (single process, or one rank under torchrun).
+    """
+    if recipe.data.train is None:
+        raise SystemExit(f"slimtune {command}: --train (data.train) is required")
+    if recipe.output is None:
+        raise SystemExit(f"slimtune {command}: --output is required")
+    from slimtune import distributed
+
+    return distributed.relaunch(getattr(args, "argv", sys.argv[1:]), getattr(args, "nproc", None))
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from slimtune import distributed
     from slimtune.finetune import print_finetune_result, run_finetune
 
     recipe = recipe_from_args(args, FINETUNE_FLAGS)
-    if recipe.data.train is None:
-        raise SystemExit("slimtune finetune: --train (data.train) is required")
-    if recipe.output is None:
-        raise SystemExit("slimtune finetune: --output is required")
-    from slimtune import distributed
-
-    rc = distributed.relaunch(getattr(args, "argv", sys.argv[1:]), getattr(args, "nproc", None))
+    rc = relaunch_training(args, recipe, "finetune")
     if rc is not None:  # this process only launched the ranks (torch.distributed.run)
         return rc
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -199,7 +198,7 @@ def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
     from slimtune.distill_cache import hash_files, hash_state, teacher_cache
     from slimtune.distill_student import build_student
     from slimtune.evaluate import classification_metrics
-    from slimtune.finetune import evaluate_any, prepare_data, seed_everything
+    from slimtune.finetune import evaluate_any, export_model, prepare_data, seed_everything
     from slimtune.io import atomic_write_text, update_json, weights_size_mb
     from slimtune.methods import MethodContext, get_method
     from slimtune.models import (
@@ -337,17 +336,7 @@ def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
     detach_projection(student)
 
     # --- export: plain transformers folder (temp folder, then move into place)
-    tmp = out / ".export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    final = method.export(student, recipe.method, tmp, ctx)
-    s_tok.save_pretrained(tmp)
-    for p in tmp.iterdir():
-        dest = out / p.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(p, dest)
-    tmp.rmdir()
+    final = export_model(method, student, recipe.method, ctx, s_tok, out)
     if s_eval is not None:
         result.update(evaluate_any(final, s_eval, m.task, labels, t.eval_batch_size))
         result["eval_file"] = recipe.data.eval or f"{recipe.data.train} (held-out {recipe.data.eval_fraction:.0%})"
@@ -419,16 +408,12 @@ def distill_recipe_from_args(args: argparse.Namespace) -> tuple[Any, DistillConf
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """``slimtune distill``: build a student, distil, export, print the report."""
+    from slimtune import distributed
+    from slimtune.cli import relaunch_training
     from slimtune.finetune import print_finetune_result
 
     recipe, dcfg = distill_recipe_from_args(args)
-    if recipe.data.train is None:
-        raise SystemExit("slimtune distill: --train (data.train) is required")
-    if recipe.output is None:
-        raise SystemExit("slimtune distill: --output is required")
-    from slimtune import distributed
-
-    rc = distributed.relaunch(getattr(args, "argv", sys.argv[1:]), getattr(args, "nproc", None))
+    rc = relaunch_training(args, recipe, "distill")
     if rc is not None:  # this process only launched the ranks (torch.distributed.run)
         return rc
     try:

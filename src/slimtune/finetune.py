@@ -78,6 +78,27 @@ def evaluate_any(model: torch.nn.Module, data: TokenizedData, task: str, label_n
     return evaluate_causal_lm(model, data, max(1, batch_size // 8))
 
 
+def export_model(method: Any, model: torch.nn.Module, method_cfg: Any, ctx: MethodContext, tokenizer: Any,
+                 out: Path) -> torch.nn.Module:
+    """Write ``method.export(model, ...)`` and the tokenizer into ``out``; return the exported model.
+
+    Everything is written into ``out/.export-tmp`` first and then moved into place file by
+    file (replacing what is there): a crash during export loses nothing already in ``out``.
+    """
+    tmp = out / ".export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    final = method.export(model, method_cfg, tmp, ctx)
+    tokenizer.save_pretrained(tmp)
+    for p in tmp.iterdir():
+        dest = out / p.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(p, dest)
+    tmp.rmdir()
+    return final
+
+
 def run_finetune(recipe: Recipe) -> dict[str, Any]:
     """Run a whole fine-tune as the recipe says; return the metrics written to ``metrics.json``."""
     t, m = recipe.train, recipe.model
@@ -119,18 +140,7 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
                     eval_fn=eval_fn, metric=metric, group_by_length=recipe.data.group_by_length)
     if not distributed.is_main():
         return {"rank": distributed.rank(), "train": summary}  # rank 0 exports and evaluates
-    # Export into a temp folder, then move files into place: a crash here loses nothing.
-    tmp = out / ".export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    final = method.export(model, recipe.method, tmp, ctx)
-    tokenizer.save_pretrained(tmp)
-    for p in tmp.iterdir():
-        dest = out / p.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(p, dest)
-    tmp.rmdir()
+    final = export_model(method, model, recipe.method, ctx, tokenizer, out)
     result: dict[str, Any] = {"task": m.task, "method": recipe.method_name, "base_model": m.name}
     if eval_data is not None:
         result.update(evaluate_any(final, eval_data, m.task, labels, t.eval_batch_size))
