@@ -74,32 +74,62 @@ async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -
     raise TimeoutError(f"{url} not healthy after {timeout} s")
 
 
-async def load(url: str, texts: list[str], concurrency: int, deadline: float) -> dict[str, Any]:
-    """Send one request per text, ``concurrency`` at a time; stop early at ``deadline``."""
-    import httpx
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> tuple[int, bool]:
+    """Send one pre-encoded HTTP/1.1 request on a keep-alive connection; (status, server closes)."""
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")  # status line + headers
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    hdr = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    await reader.readexactly(int(hdr.get("content-length", "0")))
+    return status, hdr.get("connection", "").lower() == "close"
 
+
+async def load(url: str, texts: list[str], concurrency: int, deadline: float) -> dict[str, Any]:
+    """Send one request per text, ``concurrency`` at a time; stop early at ``deadline``.
+
+    A minimal HTTP/1.1 client on raw asyncio streams (one keep-alive connection per worker,
+    request bytes built before the clock starts): the load generator shares the 2 cores with the
+    server, and a full client library (httpx: ~1-2 ms of CPU per request) would take cycles from
+    the server it measures, penalising the faster mode most.
+    """
+    host, port = url.removeprefix("http://").split(":")
     lat: list[float] = []
     status: dict[str, int] = {}
+    raws = []
+    for t in texts:
+        body = json.dumps({"texts": [t]}).encode()
+        raws.append(b"POST /v1/classify HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: application/json"
+                    b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     nxt = iter(range(len(texts)))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async def worker(c: httpx.AsyncClient) -> None:
+    async def worker() -> None:
+        conn = None
         for i in nxt:
             if time.time() > deadline:
-                return
+                break
             t0 = time.perf_counter()
             try:
-                r = await c.post("/v1/classify", json={"texts": [texts[i]]})
-                key = str(r.status_code)
-            except httpx.HTTPError as e:
+                if conn is None:
+                    conn = await asyncio.open_connection(host, int(port))
+                code, closes = await asyncio.wait_for(_post(*conn, raws[i]), timeout=60)
+                key = str(code)
+                if closes:
+                    conn[1].close()
+                    conn = None
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as e:
                 key = type(e).__name__
+                if conn is not None:
+                    conn[1].close()
+                conn = None
             lat.append((time.perf_counter() - t0) * 1000)
             status[key] = status.get(key, 0) + 1
+        if conn is not None:
+            conn[1].close()
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as c:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(c) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
     return {"lat": lat, "status": status, "wall": wall}
 
 
@@ -210,7 +240,12 @@ def main() -> None:
     bare = None
     if not args.skip_model_only:
         bare = model_only(args.model, args.threads, read_texts(args.data, 1)[0], args.max_batch_size)
-    summary = asyncio.run(main_async(args))
+    try:  # the server picks uvloop + httptools up through uvicorn; the client uses uvloop too
+        import uvloop
+
+        summary = uvloop.run(main_async(args))
+    except ImportError:
+        summary = asyncio.run(main_async(args))
     a, b = summary["dynamic batching"], summary["one request, one forward"]
     print(f"\nLoad test: {args.requests} single-text requests per mode at concurrency {args.concurrency}, "
           f"loopback, {args.rounds} alternating rounds; model {args.model}\n")
