@@ -340,6 +340,44 @@ def test_cli_distill_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert main([*common, "--output", str(tmp_path / "bad"), "--alpha", "2"]) == 2
 
 
+def test_saved_distill_recipe_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """OUT/recipe.yaml of slimtune distill: validate accepts it, distill --config reads the same settings."""
+    from tiny import make_tiny_bert, sentiment_rows, write_tsv
+
+    from slimtune.cli import build_parser, main
+    from slimtune.config import load_yaml, resolve
+    from slimtune.distill import distill_recipe_from_args
+
+    teacher = make_tiny_bert(tmp_path / "teacher", layers=3)
+    train_tsv = write_tsv(tmp_path / "train.tsv", sentiment_rows(24))
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(teacher), "--train", str(train_tsv), "--output", str(out),
+                 "--student-layer-map", "0,2", "--alpha", "0.3", "--temperature", "1.5", "--kl-direction", "reverse",
+                 "--intermediate", "--hidden-weight", "0.5", "--teacher-cache", "off", "--max-steps", "1",
+                 "--batch-size", "8", "train.tensorboard=false", "train.lr=3e-4"]) == 0
+    saved = out / "recipe.yaml"
+    tree = load_yaml(saved)
+    assert tree["distill"]["student_layer_map"] == [0, 2] and tree["distill"]["kl_direction"] == "reverse"
+    assert tree["distill"]["intermediate"] is True and tree["train"]["lr"] == 3e-4
+    capsys.readouterr()
+    assert main(["validate", str(saved)]) == 0
+    assert "OK" in capsys.readouterr().out
+    recipe = resolve(load_yaml(saved), str(saved))
+    assert recipe.distill == DistillConfig(student_layer_map=[0, 2], alpha=0.3, temperature=1.5, kl_direction="reverse",
+                                           intermediate=True, hidden_weight=0.5, teacher_cache="off")
+    assert recipe.to_dict() == tree  # nothing lost or added in the round trip
+    again, dcfg = distill_recipe_from_args(build_parser().parse_args(["distill", "--config", str(saved)]))
+    assert again.to_dict() == tree and dcfg == recipe.distill
+    # The section is checked like any other: unknown keys and bad values are named.
+    with pytest.raises(RecipeError, match=r"distill\.alphaa"):
+        resolve({**tree, "distill": {**tree["distill"], "alphaa": 1}})
+    with pytest.raises(RecipeError, match=r"distill\.alpha: must be in"):
+        resolve({**tree, "distill": {**tree["distill"], "alpha": 2}})
+    # finetune would train the teacher (model.name): it refuses and points to slimtune distill.
+    assert main(["finetune", "--config", str(saved)]) == 2
+    assert "slimtune distill --config" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_real_minilm_student_from_packaged_encoder() -> None:
     """MiniLM-L6 (packaged): 6 kept layers reproduce it; 3 kept layers carry layers 0, 2, 5."""

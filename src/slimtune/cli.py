@@ -105,6 +105,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from slimtune.finetune import print_finetune_result, run_finetune
 
     recipe = recipe_from_args(args, FINETUNE_FLAGS)
+    if recipe.distill is not None:  # fine-tuning it would train the teacher (model.name), not a student
+        from slimtune.config import RecipeError
+
+        raise RecipeError(f"{args.config or 'recipe'}: has a 'distill' section (a slimtune distill recipe); "
+                          "run it with 'slimtune distill --config', or remove the section")
     rc = relaunch_training(args, recipe, "finetune")
     if rc is not None:  # this process only launched the ranks (torch.distributed.run)
         return rc
@@ -127,7 +132,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         set_path(tree, path, value)
     recipe = resolve(deep_merge({}, tree), args.recipe)
     check_exists(recipe.model.name)
-    print(f"{args.recipe}: OK (model {recipe.model.name}, task {recipe.model.task}, method {recipe.method_name})")
+    extra = ", distill" if recipe.distill is not None else ""
+    print(f"{args.recipe}: OK (model {recipe.model.name}, task {recipe.model.task}, method {recipe.method_name}{extra})")
     return 0
 
 

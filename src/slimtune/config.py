@@ -106,6 +106,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     method: Any = None  # filled by resolve(): an instance of the method's registered config class
     method_name: str = "full"  # saved as method.name
+    # ``slimtune distill`` recipes only: a slimtune.distill.DistillConfig (None: no such section)
+    distill: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-safe), the form saved as ``recipe.yaml``."""
@@ -113,6 +115,8 @@ class Recipe:
         for name in SECTIONS:
             out[name] = dataclasses.asdict(getattr(self, name))
         out["method"] = {"name": self.method_name, **(dataclasses.asdict(self.method) if self.method else {})}
+        if self.distill is not None:
+            out["distill"] = dataclasses.asdict(self.distill)
         return out
 
     def save(self, path: str | os.PathLike) -> None:
@@ -274,7 +278,7 @@ def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     """Turn a nested dict (YAML + flags + overrides) into a validated :class:`Recipe`."""
     from slimtune.methods import get_method, method_names
 
-    valid_top = ["output", *SECTIONS, "method"]
+    valid_top = ["output", *SECTIONS, "method", "distill"]  # distill: optional, slimtune distill only
     for k in tree:
         if k not in valid_top:
             raise RecipeError(f"{source}: unknown section '{k}'; valid sections: {', '.join(valid_top)}")
@@ -288,6 +292,10 @@ def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     mcfg = build_section(get_method(mname).config_cls, mtree, "method")
     recipe.method = mcfg
     recipe.method_name = mname
+    if "distill" in tree:  # written by slimtune distill beside its student; validated below
+        from slimtune.distill import DistillConfig
+
+        recipe.distill = build_section(DistillConfig, tree["distill"] or {}, "distill")
     validate(recipe)
     return recipe
 
@@ -322,6 +330,8 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     check = getattr(recipe.method, "validate", None)
     if check is not None:
         check(recipe)
+    if recipe.distill is not None:
+        recipe.distill.validate(recipe)
 
 
 def field_help() -> list[tuple[str, str, str]]:

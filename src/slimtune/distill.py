@@ -186,8 +186,11 @@ def _same_vocab(a: Any, b: Any) -> bool:
     return a is b or a.get_vocab() == b.get_vocab()
 
 
-def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
+def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any]:
     """Distil ``recipe.model.name`` (the teacher) into a student; write it and ``metrics.json``.
+
+    ``dcfg`` defaults to the recipe's ``distill`` section. The recipe, with ``dcfg`` as its
+    ``distill`` section, is saved as ``recipe.yaml``: ``slimtune distill --config`` repeats the run.
 
     Returns the metrics: student accuracy/macro-F1 (or perplexity), teacher's, retention,
     parameter counts and sizes, the layer map, the cache status and the training summary.
@@ -199,7 +202,7 @@ def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
     from slimtune.distill_student import build_student
     from slimtune.evaluate import classification_metrics
     from slimtune.finetune import evaluate_any, export_model, prepare_data, seed_everything
-    from slimtune.io import atomic_write_text, update_json, weights_size_mb
+    from slimtune.io import update_json, weights_size_mb
     from slimtune.methods import MethodContext, get_method
     from slimtune.models import (
         cache_dir,
@@ -211,14 +214,15 @@ def run_distill(recipe: Any, dcfg: DistillConfig) -> dict[str, Any]:
     )
     from slimtune.train import peak_rss_mb, plan_steps, train
 
+    if dcfg is None:
+        if recipe.distill is None:
+            raise RecipeError("distill: the recipe has no distill section (say how to build the student)")
+        dcfg = recipe.distill
     t, m = recipe.train, recipe.model
     causal = m.task == "causal-lm"
     out = Path(recipe.output or "outputs/distill")
     out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(
-        {**recipe.to_dict(), "distill": dataclasses.asdict(dcfg)}, sort_keys=False))
+    dataclasses.replace(recipe, distill=dcfg).save(out / "recipe.yaml")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)
@@ -381,29 +385,16 @@ def distill_flags() -> dict[str, tuple[str, type, str]]:
 
 
 def distill_recipe_from_args(args: argparse.Namespace) -> tuple[Any, DistillConfig]:
-    """Defaults < ``--config`` (may hold a ``distill`` section) < flags < ``key.path=value``."""
-    from slimtune.config import build_section, load_yaml, parse_override, resolve, set_path
+    """Defaults < ``--config`` (may hold a ``distill`` section) < flags < ``key.path=value``.
 
-    tree: dict[str, Any] = {}
-    source = "command line"
-    if args.config:
-        tree, source = load_yaml(args.config), args.config
-    for name, (key, _, _) in distill_flags().items():
-        v = getattr(args, name, None)
-        if v is not None:
-            set_path(tree, key.split("."), v)
-    if getattr(args, "intermediate", None):
-        set_path(tree, ["distill", "intermediate"], True)
-    if getattr(args, "skip_bad_rows", None):
-        set_path(tree, ["data", "skip_bad_rows"], True)
-    for ov in args.overrides or []:
-        path, value = parse_override(ov)
-        set_path(tree, path, value)
-    dtree = tree.pop("distill", None) or {}
-    recipe = resolve(tree, source)
-    dcfg = build_section(DistillConfig, dtree, "distill")
-    dcfg.validate(recipe)
-    return recipe, dcfg
+    Returns the validated recipe (its ``distill`` always set) and that DistillConfig.
+    """
+    from slimtune.cli import recipe_from_args
+
+    # --intermediate is a store_true flag (True or None), so it maps like the valued flags.
+    flags = {**distill_flags(), "intermediate": ("distill.intermediate", bool, "")}
+    recipe = recipe_from_args(args, flags, base={"distill": {}})  # the section with defaults if absent
+    return recipe, recipe.distill
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
