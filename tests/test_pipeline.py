@@ -41,6 +41,23 @@ def _tree(files: dict[str, Path], out: str = "out") -> dict:
     }
 
 
+def test_slimtune_validate_accepts_a_pipeline_recipe(files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """`slimtune validate` checks `slimtune run` recipes too, with the same key-naming errors."""
+    import yaml
+
+    from slimtune.cli import main
+
+    good, bad = files["root"] / "pipe.yaml", files["root"] / "bad.yaml"
+    good.write_text(yaml.safe_dump(_tree(files)))
+    tree = _tree(files)
+    tree["prune"]["ffnn"] = 0.5
+    bad.write_text(yaml.safe_dump(tree))
+    assert main(["validate", str(good)]) == 0
+    assert "pipeline: finetune -> distill -> prune" in capsys.readouterr().out
+    assert main(["validate", str(bad)]) == 2
+    assert "unknown key 'prune.ffnn'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t["prune"].update(ffnn=0.5), "unknown key 'prune.ffnn'"),
     (lambda t: t["distill"].update(student_layerz=2), "unknown key 'distill.student_layerz'"),

@@ -130,6 +130,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for ov in args.overrides or []:
         path, value = parse_override(ov)
         set_path(tree, path, value)
+    if "stages" in tree or "finetune" in tree:  # a `slimtune run` pipeline recipe
+        from slimtune.pipeline import validate_tree
+
+        plan = validate_tree(tree, args.recipe)
+        print(f"{args.recipe}: OK (pipeline: {' -> '.join(plan.stages)}; output {plan.output})")
+        return 0
     recipe = resolve(deep_merge({}, tree), args.recipe)
     check_exists(recipe.model.name)
     extra = ", distill" if recipe.distill is not None else ""
