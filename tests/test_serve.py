@@ -350,3 +350,36 @@ def test_cli_registers_serve() -> None:
     args = build_parser().parse_args(["serve", "--model", "x", "--max-batch-size", "4", "--api-key", "k",
                                       "--threads", "2", "--max-wait-ms", "2.5"])
     assert (args.max_batch_size, args.api_key, args.threads, args.max_wait_ms, args.host) == (4, "k", 2, 2.5, "127.0.0.1")
+
+
+def test_split_by_length_trades_padding_against_forward_cost() -> None:
+    from slimtune.serve_batching import split_by_length
+
+    def cost(lengths: list[int], chunks: list[tuple[int, int]], c0: int) -> int:
+        return sum(c0 + (b - a) * lengths[b - 1] for a, b in chunks)
+
+    same = [12] * 20
+    assert split_by_length(same, 32, 32) == [(0, 20)]  # nothing to save: one forward
+    capped = split_by_length(same, 32, 8)  # row cap respected, fewest forwards
+    assert len(capped) == 3 and all(b - a <= 8 for a, b in capped)
+    mixed = [5] * 8 + [120] * 8  # one batch would pad 8 short rows to 120 tokens
+    assert split_by_length(mixed, 32, 32) == [(0, 8), (8, 16)]
+    assert split_by_length(mixed, 10_000, 32) == [(0, 16)]  # huge per-forward cost: never split
+    lengths = sorted([3, 7, 9, 15, 22, 23, 40, 41, 44, 80, 90, 128])
+    for c0 in (0, 8, 32, 200):
+        chunks = split_by_length(lengths, c0, 5)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(a < b and b - a <= 5 for a, b in chunks)
+        assert all(chunks[i][1] == chunks[i + 1][0] for i in range(len(chunks) - 1))
+        # optimal: no partition into contiguous chunks of <= 5 rows is cheaper (brute force)
+        import itertools
+
+        n, best = len(lengths), None
+        for k in range(n):
+            for cuts in itertools.combinations(range(1, n), k):
+                edges = [0, *cuts, n]
+                parts = list(zip(edges, edges[1:], strict=False))
+                if all(b - a <= 5 for a, b in parts):
+                    c = cost(lengths, parts, c0)
+                    best = c if best is None else min(best, c)
+        assert cost(lengths, chunks, c0) == best

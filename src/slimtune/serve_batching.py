@@ -39,9 +39,12 @@ class ServeConfig:
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted (413 above)"})
     request_timeout_s: float = field(default=30.0, metadata={"help": "a request not answered by then gets 503"})
     threads: int | None = field(default=None, metadata={"help": "intra-op threads for torch / ONNX Runtime"})
+    forward_cost_tokens: int = field(default=32, metadata={"help": "fixed cost of one forward pass, in padded tokens; a gathered batch is split by length where that saves more padding than this (0: never split)"})
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
+        if self.forward_cost_tokens < 0:
+            raise ValueError(f"--forward-cost-tokens must be >= 0, got {self.forward_cost_tokens}")
         for name in ("max_batch_size", "max_queue", "max_texts", "max_chars", "max_new_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -195,8 +198,9 @@ class Batcher:
         encs = [{k: enc[k][n] for k in keys} for n in range(len(flat))]
         order = sorted(range(len(flat)), key=lambda n: len(encs[n]["input_ids"]))  # similar lengths together
         out: list[list[Any]] = [[None] * len(it.rows) for it in batch]
-        for s in range(0, len(order), self.cfg.max_batch_size):
-            chunk = order[s:s + self.cfg.max_batch_size]
+        lengths = [len(encs[n]["input_ids"]) for n in order]
+        for a, b in split_by_length(lengths, self.cfg.forward_cost_tokens, self.cfg.max_batch_size):
+            chunk = order[a:b]
             t0 = time.perf_counter()
             logits = np.asarray(r.logits(pad_batch([encs[n] for n in chunk], self.pad_id)), dtype=np.float64)  # (B, C)
             self.metrics.batch(len(chunk), time.perf_counter() - t0)
@@ -240,4 +244,28 @@ class Batcher:
         return out
 
 
-__all__ = ["Batcher", "ClientError", "ServeConfig"]
+def split_by_length(lengths: list[int], forward_cost: int, max_rows: int) -> list[tuple[int, int]]:
+    """Cut ascending ``lengths`` into contiguous chunks ``[a, b)`` of at most ``max_rows`` rows
+    that minimise ``sum(forward_cost + rows * longest)``: the padded tokens computed plus a fixed
+    cost per forward pass (Python and kernel-launch overhead, in token units).
+
+    On a CPU the work of a padded batch grows with rows x its longest row, so one batch of short
+    and long texts wastes most of its compute on padding; many tiny batches pay the fixed cost
+    again and again. Exact dynamic programme over the cut points, O(n * max_rows) for n rows.
+    """
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[b]: cheapest cost of lengths[:b]
+    cut = [0] * (n + 1)
+    for b in range(1, n + 1):
+        for a in range(max(0, b - max_rows), b):
+            c = best[a] + forward_cost + (b - a) * lengths[b - 1]  # lengths ascending: b-1 is longest
+            if c < best[b]:
+                best[b], cut[b] = c, a
+    out, b = [], n
+    while b > 0:
+        out.append((cut[b], b))
+        b = cut[b]
+    return out[::-1]
+
+
+__all__ = ["Batcher", "ClientError", "ServeConfig", "split_by_length"]
