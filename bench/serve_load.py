@@ -52,6 +52,7 @@ def start_server(model: str, max_batch: int, args: argparse.Namespace, log: Path
            "--max-queue", str(args.max_queue), "--log-level", "warning"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--forward-cost-tokens", str(args.forward_cost_tokens)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLIMTUNE_NO_PROGRESS": "1"}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     return proc, f"http://{HOST}:{port}"
@@ -151,23 +152,45 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def model_only(model: str, threads: int | None, text: str, bs: int) -> dict[str, Any]:
-    """Bare forward latency at batch 1 and batch ``bs`` (same sentence), interleaved."""
+def model_only(model: str, threads: int | None, texts: list[str], bs: int, forward_cost: int) -> dict[str, Any]:
+    """Bare-model ceiling on the load test's own texts: ms per text run one by one vs gathered
+    ``bs`` at a time (sorted and split by length as the server does). No HTTP, no queue."""
+    import time as _t
 
-    from slimtune.bench import measure_latency, set_threads, torch_runner
+    import torch
+
+    from slimtune.bench import set_threads
     from slimtune.models import load_model, load_tokenizer
+    from slimtune.serve_batching import split_by_length
+    from slimtune.serve_models import pad_batch
 
     if threads:
         set_threads(threads)
     tok = load_tokenizer(model)
-    m = load_model(model, "classification")
-    one = tok([text], return_tensors="pt")
-    many = tok([text] * bs, return_tensors="pt")
-    res = measure_latency({"bs1": torch_runner(m, dict(one)), f"bs{bs}": torch_runner(m, dict(many))},
-                          repeats=30, warmup=3)
-    del m
-    return {"tokens": int(one["input_ids"].shape[1]), "bs1_ms": res["bs1"]["p50_ms"],
-            f"bs{bs}_ms": res[f"bs{bs}"]["p50_ms"], f"bs{bs}_per_row_ms": res[f"bs{bs}"]["p50_ms"] / bs}
+    m = load_model(model, "classification").eval()
+    encs = [{k: v for k, v in tok(t, truncation=True, max_length=128).items()} for t in texts]
+    pad = tok.pad_token_id or 0
+
+    def fwd(rows: list[dict]) -> None:
+        with torch.inference_mode():
+            m(**{k: torch.as_tensor(v) for k, v in pad_batch(rows, pad).items()})
+
+    fwd(encs[:1])
+    fwd(encs[:bs])  # warm-up
+    t0 = _t.perf_counter()
+    for e in encs:
+        fwd([e])
+    one = (_t.perf_counter() - t0) * 1000 / len(encs)
+    t0, forwards = _t.perf_counter(), 0
+    for s in range(0, len(encs), bs):
+        group = sorted(encs[s:s + bs], key=lambda e: len(e["input_ids"]))
+        for a, b in split_by_length([len(e["input_ids"]) for e in group], forward_cost, bs):
+            fwd(group[a:b])
+            forwards += 1
+    many = (_t.perf_counter() - t0) * 1000 / len(encs)
+    return {"texts": len(encs), "mean_tokens": sum(len(e["input_ids"]) for e in encs) / len(encs),
+            "one_by_one_ms_per_text": one, "batched_ms_per_text": many, "batched_forwards": forwards,
+            "ceiling": one / many}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,6 +250,7 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--max-queue", type=int, default=256)
+    ap.add_argument("--forward-cost-tokens", type=int, default=32, help="server's batch-splitting cost (0: never split)")
     ap.add_argument("--threads", type=int, default=1,
                     help="server intra-op threads (1: the other core is left to the event loop and client)")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for the measured rounds, all modes")
@@ -239,7 +263,7 @@ def main() -> None:
 
     bare = None
     if not args.skip_model_only:
-        bare = model_only(args.model, args.threads, read_texts(args.data, 1)[0], args.max_batch_size)
+        bare = model_only(args.model, args.threads, read_texts(args.data, 256), args.max_batch_size, args.forward_cost_tokens)
     try:  # the server picks uvloop + httptools up through uvicorn; the client uses uvloop too
         import uvloop
 
@@ -258,10 +282,9 @@ def main() -> None:
     print(f"\nthroughput ratio (batching / one-by-one): **{ratio:.2f}x**; p50 latency ratio "
           f"{b['p50_ms'] / a['p50_ms']:.2f}x lower with batching")
     if bare:
-        bs = args.max_batch_size
-        print(f"\nbare model, {bare['tokens']} tokens: batch 1 {bare['bs1_ms']:.2f} ms; batch {bs} "
-              f"{bare[f'bs{bs}_ms']:.2f} ms = {bare[f'bs{bs}_per_row_ms']:.2f} ms/row "
-              f"(ceiling {bare['bs1_ms'] / bare[f'bs{bs}_per_row_ms']:.1f}x)")
+        print(f"\nbare model on {bare['texts']} of these texts ({bare['mean_tokens']:.1f} tokens on average), no HTTP: "
+              f"{bare['one_by_one_ms_per_text']:.2f} ms/text one by one, {bare['batched_ms_per_text']:.2f} ms/text "
+              f"batched by {args.max_batch_size} ({bare['batched_forwards']} forwards) = ceiling {bare['ceiling']:.2f}x")
     record = {"args": vars(args), "summary": summary, "ratio_req_per_s": ratio, "model_only": bare,
               "hardware": hardware_fingerprint()}
     Path(args.output, "serve_load.json").write_text(json.dumps(record, indent=2) + "\n")
