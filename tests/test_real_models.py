@@ -46,11 +46,13 @@ def test_minilm_learns_sst2(tmp_path):
 def test_smollm2_lora_lowers_perplexity_and_merged_loads_plainly(tmp_path):
     out = tmp_path / "lm"
     assert main(["finetune", "--model", "smollm2", "--task", "causal-lm", "--train", str(_hamlet()),
-                 "--output", str(out), "--method", "lora", "--max-steps", "12", "--batch-size", "4",
-                 "--max-length", "64", "--lr", "1e-3", "--lora-r", "8", "data.max_train_samples=48",
+                 "--output", str(out), "--method", "lora", "--max-steps", "6", "--batch-size", "4",
+                 "--max-length", "64", "--lr", "1e-3", "--lora-r", "8", "data.max_train_samples=24",
                  "data.max_eval_samples=8", "train.eval_batch_size=16", "train.tensorboard=false"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["perplexity"] < m["perplexity_before"], m
+    # 6 LoRA steps (24 blocks of 64 tokens; ~4 s a step on one core) take the held-out perplexity
+    # from ~98 to ~70: a 10% margin still fails a run that did not learn.
+    assert m["perplexity"] < 0.9 * m["perplexity_before"], m
     code = ("import sys; from transformers import AutoModelForCausalLM as M, AutoTokenizer as T\n"
             f"m = M.from_pretrained({str(out)!r}); t = T.from_pretrained({str(out)!r})\n"
             "assert 'slimtune' not in sys.modules and m.config.num_hidden_layers == 30\n"
