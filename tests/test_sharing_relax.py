@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from slimtune.config import RecipeError, TrainConfig
 from slimtune.data import TokenizedData
@@ -40,23 +41,7 @@ def _one_thread() -> object:
 
 
 def _tiny(arch: str) -> torch.nn.Module:
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
-
-    torch.manual_seed(0)
-    if arch == "bert":
-        cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64, num_labels=2)
-        model = BertForSequenceClassification(cfg)
-    else:
-        cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        model = LlamaForCausalLM(cfg)
+    model = tiny_model(arch, layers=4)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:  # distinct, non-trivial norms and biases (init leaves them 1 / 0)

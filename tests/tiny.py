@@ -10,6 +10,28 @@ WORDS = ("good great fine nice love happy bad awful poor hate sad boring movie f
 POSITIVE = {"good", "great", "fine", "nice", "love", "happy"}
 
 
+def tiny_model(arch: str, layers: int = 2):  # noqa: ANN201 (transformers imported lazily)
+    """A seeded in-memory tiny model: ``"bert"`` classifier (2 labels) or ``"llama"`` causal LM."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                         id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+        return BertForSequenceClassification(cfg)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
 def write_vocab(path: Path) -> Path:
     """A WordPiece vocab with BERT's special tokens and the words above."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
