@@ -155,8 +155,6 @@ def percentile(xs: list[float], q: float) -> float:
 def model_only(model: str, threads: int | None, texts: list[str], bs: int, forward_cost: int) -> dict[str, Any]:
     """Bare-model ceiling on the load test's own texts: ms per text run one by one vs gathered
     ``bs`` at a time (sorted and split by length as the server does). No HTTP, no queue."""
-    import time as _t
-
     import torch
 
     from slimtune.bench import set_threads
@@ -168,7 +166,7 @@ def model_only(model: str, threads: int | None, texts: list[str], bs: int, forwa
         set_threads(threads)
     tok = load_tokenizer(model)
     m = load_model(model, "classification").eval()
-    encs = [{k: v for k, v in tok(t, truncation=True, max_length=128).items()} for t in texts]
+    encs = [dict(tok(t, truncation=True, max_length=128)) for t in texts]
     pad = tok.pad_token_id or 0
 
     def fwd(rows: list[dict]) -> None:
@@ -177,17 +175,17 @@ def model_only(model: str, threads: int | None, texts: list[str], bs: int, forwa
 
     fwd(encs[:1])
     fwd(encs[:bs])  # warm-up
-    t0 = _t.perf_counter()
+    t0 = time.perf_counter()
     for e in encs:
         fwd([e])
-    one = (_t.perf_counter() - t0) * 1000 / len(encs)
-    t0, forwards = _t.perf_counter(), 0
+    one = (time.perf_counter() - t0) * 1000 / len(encs)
+    t0, forwards = time.perf_counter(), 0
     for s in range(0, len(encs), bs):
         group = sorted(encs[s:s + bs], key=lambda e: len(e["input_ids"]))
         for a, b in split_by_length([len(e["input_ids"]) for e in group], forward_cost, bs):
             fwd(group[a:b])
             forwards += 1
-    many = (_t.perf_counter() - t0) * 1000 / len(encs)
+    many = (time.perf_counter() - t0) * 1000 / len(encs)
     return {"texts": len(encs), "mean_tokens": sum(len(e["input_ids"]) for e in encs) / len(encs),
             "one_by_one_ms_per_text": one, "batched_ms_per_text": many, "batched_forwards": forwards,
             "ceiling": one / many}
