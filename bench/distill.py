@@ -100,7 +100,7 @@ def causal_runs(out_root: Path, force: bool, steps: int, layers: int, block: int
     run(f"causal-L{layers}-kd", out_root, tree, {"student_layers": layers, "alpha": 0.5, "temperature": 1.0}, force)
 
 
-def latency(out_root: Path) -> None:
+def latency(out_root: Path, teacher: Path) -> None:
     """Teacher vs students, bs 1, seq 128, 1 thread, interleaved (slimtune.bench)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -113,7 +113,7 @@ def latency(out_root: Path) -> None:
     )
 
     set_threads(1)
-    models = {"teacher L6": ART / "minilm-sst2", "student L3": out_root / "sst2-L3-kd", "student L2": out_root / "sst2-L2-kd"}
+    models = {"teacher L6": teacher, "student L3": out_root / "sst2-L3-kd", "student L2": out_root / "sst2-L2-kd"}
     tok = AutoTokenizer.from_pretrained(models["teacher L6"])
     inputs = sample_inputs(tok, 1, 128)
     runners = {k: torch_runner(AutoModelForSequenceClassification.from_pretrained(v), inputs)
@@ -142,7 +142,7 @@ def report(out_root: Path) -> str:
                      f"{r['teacher_accuracy']:.4f} | {r['retention']:.2%} | {r['params']:,} | {r['size_mb']:.1f} | "
                      f"{lt.get('p50_ms', float('nan')):.1f} | {lt.get('speedup', float('nan')):.2f}x |")
     if "teacher L6" in lat:
-        lines.append(f"| teacher (minilm-sst2) | L6 | - | - | - | - | 100% | - | - | {lat['teacher L6']['p50_ms']:.1f} | 1.00x |")
+        lines.append(f"| teacher | L6 | - | - | - | - | 100% | - | - | {lat['teacher L6']['p50_ms']:.1f} | 1.00x |")
     causal = {k: v for k, v in runs.items() if v.get("task") == "causal-lm"}
     if causal:
         lines += ["", "| run | student | KD | teacher ppl | student ppl before | student ppl after | params | train s |",
@@ -161,7 +161,10 @@ def main() -> None:
     ap.add_argument("section", choices=["sst2", "mrpc", "causal", "latency", "report"])
     ap.add_argument("--out", default=str(ART / "distill" / "bench"))
     ap.add_argument("--force", action="store_true", help="redo runs whose metrics.json exists")
-    ap.add_argument("--sst2-rows", type=int, default=8000)
+    ap.add_argument("--sst2-rows", type=int, default=8000, help="SST-2 training rows (0: all 60,614)")
+    ap.add_argument("--teacher", help="fine-tuned teacher folder (default: the reference minilm-sst2 / minilm-mrpc)")
+    ap.add_argument("--sst2-students", default="3,2", help="comma-separated student layer counts for SST-2")
+    ap.add_argument("--no-intermediate", action="store_true", help="skip the intermediate-layer KD run")
     ap.add_argument("--causal-steps", type=int, default=100)
     ap.add_argument("--mrpc-students", default="3", help="comma-separated student layer counts for MRPC")
     ap.add_argument("--mrpc-epochs", type=float, default=1.0)
@@ -174,16 +177,18 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     if a.section == "sst2":
-        classifier_runs("sst2", ART / "minilm-sst2", DATA / "sst2" / "train.tsv", DATA / "sst2" / "test.tsv",
-                        out_root, a.force, a.sst2_rows, 64, 1e-4, 1.0, [3, 2], intermediate_for=3)
+        classifier_runs("sst2", Path(a.teacher or ART / "minilm-sst2"), DATA / "sst2" / "train.tsv",
+                        DATA / "sst2" / "test.tsv", out_root, a.force, a.sst2_rows or None, 64, 1e-4, 1.0,
+                        [int(n) for n in a.sst2_students.split(",")],
+                        intermediate_for=None if a.no_intermediate else 3)
     elif a.section == "mrpc":
-        classifier_runs("mrpc", ART / "minilm-mrpc", DATA / "mrpc" / "train.tsv", DATA / "mrpc" / "dev.tsv",
+        classifier_runs("mrpc", Path(a.teacher or ART / "minilm-mrpc"), DATA / "mrpc" / "train.tsv", DATA / "mrpc" / "dev.tsv",
                         out_root, a.force, None, 64, 1e-4, a.mrpc_epochs,
                         [int(n) for n in a.mrpc_students.split(",")], intermediate_for=None)
     elif a.section == "causal":
         causal_runs(out_root, a.force, a.causal_steps, a.causal_layers)
     elif a.section == "latency":
-        latency(out_root)
+        latency(out_root, Path(a.teacher or ART / "minilm-sst2"))
     print(report(out_root))
 
 

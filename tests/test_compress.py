@@ -82,6 +82,8 @@ def test_compress_contract_then_honest_miss(setup: dict[str, Path]) -> None:
     assert {"accuracy", "size_mb", "latency_ms_p50"} <= set(m) and m["meets_constraints"] is True
     assert m["candidate"] == best["name"]
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    assert f"{best['test_accuracy']:.4f} vs" in summary["verdict"]  # the held-out figure is in the verdict
+    assert "test retention" in (out / "report.md").read_text()
     # best/ works with evaluate, bench and serve's loader
     assert main(["evaluate", "--model", str(out / "best"), "--eval", str(setup["test"]),
                  "--output", str(out / "ev.json"), "--max-length", "32"]) == 0

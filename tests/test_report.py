@@ -49,6 +49,16 @@ def test_enrich_retention_and_ratios(tmp_path: Path) -> None:
     assert student["x_smaller"] == pytest.approx(90.9 / 8.0)
     assert student["x_faster"] == pytest.approx(39.0 / 5.0)
     assert student["on_pareto_front"] and not next(r for r in rows if r["name"] == "dominated")["on_pareto_front"]
+    assert "test_retention" not in student  # no test accuracy given: no test retention
+
+
+def test_test_retention_uses_test_accuracy_of_both() -> None:
+    teacher = {"name": "input", "accuracy": 0.90, "test_accuracy": 0.87, "size_mb": 90.0, "latency_ms_p50": 40.0}
+    student = {"name": "s", "accuracy": 0.93, "test_accuracy": 0.8613, "size_mb": 8.0, "latency_ms_p50": 8.0}
+    r = enrich([teacher, student], teacher)[1]
+    assert r["retention"] == pytest.approx(0.93 / 0.90)
+    assert r["test_retention"] == pytest.approx(0.8613 / 0.87)
+    assert "test retention" in markdown_table(enrich([teacher, student], teacher))
 
 
 def test_read_curves_skips_bad_lines(tmp_path: Path) -> None:

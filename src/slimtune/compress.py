@@ -508,6 +508,9 @@ def finish(S: Search, t_eval: dict[str, Any]) -> dict[str, Any]:
                    f"{best['name']} (accuracy {best['accuracy']:.4f}, {best['size_mb']:.2f} MB, "
                    f"{best['latency_ms_p50']:.2f} ms). Try a larger --budget-minutes, --max-train-samples or "
                    f"--depths with more layers.")
+    if s.test and best.get("test_accuracy") is not None and ref.get("test_accuracy"):
+        verdict += (f"; on the held-out {Path(s.test).name} (never used to choose): {best['test_accuracy']:.4f} vs "
+                    f"{ref['test_accuracy']:.4f}, {best['test_accuracy'] / ref['test_accuracy']:.2%} of the input")
     for c in S.cands.values():
         c["best"] = c is best
     S.save()

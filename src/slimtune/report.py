@@ -185,7 +185,7 @@ def curves_svg(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> str | N
 COLUMNS = [("name", "model"), ("kind", "kind"), ("params", "params"), ("size_mb", "size MB"),
            ("latency_ms_p50", "p50 ms"), ("latency_ms_p95", "p95 ms"), ("accuracy", "accuracy"),
            ("test_accuracy", "test acc"), ("macro_f1", "macro-F1"), ("retention", "retention"),
-           ("x_smaller", "x smaller"), ("x_faster", "x faster")]
+           ("test_retention", "test retention"), ("x_smaller", "x smaller"), ("x_faster", "x faster")]
 
 
 def _fmt(key: str, v: Any) -> str:
@@ -193,7 +193,7 @@ def _fmt(key: str, v: Any) -> str:
         return "-"
     if key == "params":
         return f"{int(v):,}"
-    if key == "retention":
+    if key in ("retention", "test_retention"):
         return f"{100 * v:.1f}%"
     if key in ("x_smaller", "x_faster"):
         return f"{v:.2f}x"
@@ -268,6 +268,8 @@ def enrich(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -> list[d
         if teacher:
             if r.get("accuracy") is not None and teacher.get("accuracy"):
                 r["retention"] = r["accuracy"] / teacher["accuracy"]
+            if r.get("test_accuracy") is not None and teacher.get("test_accuracy"):
+                r["test_retention"] = r["test_accuracy"] / teacher["test_accuracy"]
             if r.get("size_mb") and teacher.get("size_mb"):
                 r["x_smaller"] = teacher["size_mb"] / r["size_mb"]
             if r.get("latency_ms_p50") and teacher.get("latency_ms_p50"):
@@ -317,7 +319,8 @@ def write_report(out_dir: str | os.PathLike, rows: list[dict[str, Any]], *, titl
              f"<meta name='viewport' content='width=device-width'><style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              "<p class='sub'>Latency: p50 over interleaved rounds in one run (ratios are fair); size: weight files "
-             "on disk; retention: accuracy / the teacher's. Bold rows are on the Pareto front "
+             "on disk; retention: accuracy / the teacher's (test retention: the same on the held-out test file, "
+             "which never chooses anything). Bold rows are on the Pareto front "
              "(no other model is as accurate, as small and as fast at once).</p>"]
     if verdict:
         cls = "ok" if verdict_ok else ("miss" if verdict_ok is False else "")
