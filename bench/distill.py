@@ -58,15 +58,25 @@ def run(name: str, out_root: Path, tree: dict[str, Any], distill: dict[str, Any]
 
 def classifier_runs(task: str, teacher: Path, train: Path, evalf: Path, out_root: Path, force: bool,
                     rows: int | None, max_length: int, lr: float, epochs: float, students: list[int],
-                    intermediate_for: int | None) -> None:
+                    intermediate_for: int | None, seeds: tuple[int, ...] = (42,)) -> None:
+    """KD vs CE-only students per depth and seed (seed 42 keeps the unsuffixed run names)."""
+    for seed in seeds:
+        suffix = "" if seed == 42 else f"-s{seed}"
+        _classifier_runs(task, teacher, train, evalf, out_root, force, rows, max_length, lr, epochs, students,
+                         intermediate_for if seed == 42 else None, seed, suffix)
+
+
+def _classifier_runs(task: str, teacher: Path, train: Path, evalf: Path, out_root: Path, force: bool,
+                     rows: int | None, max_length: int, lr: float, epochs: float, students: list[int],
+                     intermediate_for: int | None, seed: int, suffix: str) -> None:
     tree = {"model": {"name": str(teacher), "task": "classification"},
             "data": {"train": str(train), "eval": str(evalf), "max_length": max_length, "max_train_samples": rows},
-            "train": {"epochs": epochs, "batch_size": 32, "lr": lr, "seed": 42, "eval_every": 10**9,
+            "train": {"epochs": epochs, "batch_size": 32, "lr": lr, "seed": seed, "eval_every": 10**9,
                       "tensorboard": False, "warmup_ratio": 0.06}}  # evaluate once, at the end: no selection on the reported set
     kd = {"alpha": 0.5, "temperature": 2.0}
     for n in students:
-        run(f"{task}-L{n}-ce", out_root, tree, {"student_layers": n, "alpha": 1.0}, force)
-        run(f"{task}-L{n}-kd", out_root, tree, {"student_layers": n, **kd}, force)
+        run(f"{task}-L{n}-ce{suffix}", out_root, tree, {"student_layers": n, "alpha": 1.0}, force)
+        run(f"{task}-L{n}-kd{suffix}", out_root, tree, {"student_layers": n, **kd}, force)
         if n == intermediate_for:
             run(f"{task}-L{n}-kd-inter", out_root, tree, {"student_layers": n, **kd, "intermediate": True}, force)
 
@@ -126,6 +136,36 @@ def latency(out_root: Path, teacher: Path) -> None:
                                                       "batch": 1, "seq": 128, "threads": 1}, indent=1))
 
 
+def seed_summary(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Mean ± std over seeds of KD vs CE per student, when some configuration has >= 2 seeds."""
+    import re
+    import statistics
+
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for name, r in runs.items():
+        m = re.fullmatch(r"(\w+-L\d+)-(ce|kd)(?:-s\d+)?", name)
+        if m and r.get("task") == "classification":
+            groups.setdefault((m.group(1), m.group(2)), []).append((r["accuracy"], r["macro_f1"]))
+    if not any(len(v) >= 2 for v in groups.values()):
+        return []
+
+    def ms(xs: list[float]) -> str:
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return f"{statistics.mean(xs):.4f} ± {sd:.4f}"
+
+    out = ["", "| student | seeds | CE acc (mean ± sd) | KD acc (mean ± sd) | KD − CE (pt, mean) | KD wins (seeds) | "
+           "CE macro-F1 | KD macro-F1 |", "|---|---|---|---|---|---|---|---|"]
+    for stu in sorted({k[0] for k in groups}):
+        ce, kd = groups.get((stu, "ce"), []), groups.get((stu, "kd"), [])
+        if not ce or not kd or len(ce) != len(kd):
+            continue
+        ca, ka = [a for a, _ in ce], [a for a, _ in kd]
+        out.append(f"| {stu} | {len(ce)} | {ms(ca)} | {ms(ka)} | {100 * (sum(ka) / len(ka) - sum(ca) / len(ca)):+.2f} | "
+                   f"{sum(k > c for k, c in zip(ka, ca, strict=True))}/{len(ce)} | {ms([f for _, f in ce])} | "
+                   f"{ms([f for _, f in kd])} |")
+    return out
+
+
 def report(out_root: Path) -> str:
     """Markdown tables from the runs on disk; also written to ``distill.json``."""
     runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(out_root.glob("*/metrics.json"))}
@@ -143,6 +183,7 @@ def report(out_root: Path) -> str:
                      f"{lt.get('p50_ms', float('nan')):.1f} | {lt.get('speedup', float('nan')):.2f}x |")
     if "teacher L6" in lat:
         lines.append(f"| teacher | L6 | - | - | - | - | 100% | - | - | {lat['teacher L6']['p50_ms']:.1f} | 1.00x |")
+    lines += seed_summary(runs)
     causal = {k: v for k, v in runs.items() if v.get("task") == "causal-lm"}
     if causal:
         lines += ["", "| run | student | KD | teacher ppl | student ppl before | student ppl after | params | train s |",
@@ -165,6 +206,7 @@ def main() -> None:
     ap.add_argument("--teacher", help="fine-tuned teacher folder (default: the reference minilm-sst2 / minilm-mrpc)")
     ap.add_argument("--sst2-students", default="3,2", help="comma-separated student layer counts for SST-2")
     ap.add_argument("--no-intermediate", action="store_true", help="skip the intermediate-layer KD run")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds (KD vs CE pairs per seed)")
     ap.add_argument("--causal-steps", type=int, default=100)
     ap.add_argument("--mrpc-students", default="3", help="comma-separated student layer counts for MRPC")
     ap.add_argument("--mrpc-epochs", type=float, default=1.0)
@@ -180,11 +222,11 @@ def main() -> None:
         classifier_runs("sst2", Path(a.teacher or ART / "minilm-sst2"), DATA / "sst2" / "train.tsv",
                         DATA / "sst2" / "test.tsv", out_root, a.force, a.sst2_rows or None, 64, 1e-4, 1.0,
                         [int(n) for n in a.sst2_students.split(",")],
-                        intermediate_for=None if a.no_intermediate else 3)
+                        intermediate_for=None if a.no_intermediate else 3, seeds=tuple(a.seeds))
     elif a.section == "mrpc":
         classifier_runs("mrpc", Path(a.teacher or ART / "minilm-mrpc"), DATA / "mrpc" / "train.tsv", DATA / "mrpc" / "dev.tsv",
                         out_root, a.force, None, 64, 1e-4, a.mrpc_epochs,
-                        [int(n) for n in a.mrpc_students.split(",")], intermediate_for=None)
+                        [int(n) for n in a.mrpc_students.split(",")], intermediate_for=None, seeds=tuple(a.seeds))
     elif a.section == "causal":
         causal_runs(out_root, a.force, a.causal_steps, a.causal_layers)
     elif a.section == "latency":

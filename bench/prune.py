@@ -50,8 +50,11 @@ def build(args: argparse.Namespace, name: str, kw: dict) -> Path:
     source = str(Path(args.out) / kw.pop("from")) if "from" in kw else args.model
     if kw.pop("vocab", False):
         kw["vocab_from"] = [args.train]
+    structured = "ffn" in kw or "layers" in kw  # the structured variants may get a longer recovery
+    steps = (args.structured_recover_steps or args.recover_steps) if structured else args.recover_steps
+    rows = (args.structured_max_train_samples or args.max_train_samples) if structured else args.max_train_samples
     s = PruneSettings(model=source, output=str(out), train=args.train, eval=args.test,
-                      recover_steps=args.recover_steps if recover else 0, max_train_samples=args.max_train_samples,
+                      recover_steps=steps if recover else 0, max_train_samples=rows,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, **kw)
     t0 = time.perf_counter()
     run_prune(s)
@@ -121,6 +124,10 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--recover-steps", type=int, default=300)
     p.add_argument("--max-train-samples", type=int, default=20000)
+    p.add_argument("--structured-recover-steps", type=int, help="recovery steps of the structured variants "
+                   "(default: --recover-steps)")
+    p.add_argument("--structured-max-train-samples", type=int, help="training rows of the structured variants "
+                   "(default: --max-train-samples)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=42)
