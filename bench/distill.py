@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--sst2-students", default="3,2", help="comma-separated student layer counts for SST-2")
     ap.add_argument("--no-intermediate", action="store_true", help="skip the intermediate-layer KD run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42], help="seeds (KD vs CE pairs per seed)")
+    ap.add_argument("--sst2-epochs", type=float, default=1.0)
     ap.add_argument("--causal-steps", type=int, default=100)
     ap.add_argument("--mrpc-students", default="3", help="comma-separated student layer counts for MRPC")
     ap.add_argument("--mrpc-epochs", type=float, default=1.0)
@@ -220,7 +221,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if a.section == "sst2":
         classifier_runs("sst2", Path(a.teacher or ART / "minilm-sst2"), DATA / "sst2" / "train.tsv",
-                        DATA / "sst2" / "test.tsv", out_root, a.force, a.sst2_rows or None, 64, 1e-4, 1.0,
+                        DATA / "sst2" / "test.tsv", out_root, a.force, a.sst2_rows or None, 64, 1e-4, a.sst2_epochs,
                         [int(n) for n in a.sst2_students.split(",")],
                         intermediate_for=None if a.no_intermediate else 3, seeds=tuple(a.seeds))
     elif a.section == "mrpc":
