@@ -122,3 +122,17 @@ def test_report_screenshot_in_headless_chromium(tmp_path: Path) -> None:
     if keep:  # let a person look at it
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy2(shot, Path(keep) / "report-screenshot.png")
+
+
+def test_label_offsets_separate_close_points_and_keep_lone_ones() -> None:
+    from slimtune.report import label_offsets
+
+    # two candidates 1 pt apart (the int8 pair of a compress report) and one far away
+    anchors = [(100.0, 200.0), (101.0, 200.5), (400.0, 50.0)]
+    names = ["L3-ffn50-int8", "L3-ffn67-int8", "input"]
+    off = label_offsets(anchors, names)
+    assert off[2] == (4.0, 4.0) and off[0] == (4.0, 4.0)
+    boxes = [(a[0] + o[0], a[1] + o[1], a[0] + o[0] + 4.2 * len(n), a[1] + o[1] + 9.1)
+             for a, o, n in zip(anchors, off, names, strict=True)]
+    (a0, b0, a1, b1), (c0, d0, c1, d1) = boxes[0], boxes[1]
+    assert not (a0 < c1 and c0 < a1 and b0 < d1 and d0 < b1), off

@@ -135,8 +135,6 @@ def pareto_svg(rows: list[dict[str, Any]], teacher: dict[str, Any] | None = None
         fx = sorted((x, y) for x, y, f in zip(xs, ys, front, strict=True) if f)
         ax.step([x for x, _ in fx], [y for _, y in fx], where="post", c="#1f6feb", lw=1.5)
         ax.scatter([x for x, _ in fx], [y for _, y in fx], c="#1f6feb", s=46, zorder=3, label="Pareto front")
-        for r, x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(str(r.get("name", ""))[:28], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if teacher and teacher.get("accuracy") is not None:
             ax.axhline(teacher["accuracy"], c="#2e9b47", ls=":", lw=1, label="teacher accuracy")
         if min_accuracy is not None:
@@ -145,6 +143,14 @@ def pareto_svg(rows: list[dict[str, Any]], teacher: dict[str, Any] | None = None
         if log:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(_null_formatter())  # minor log labels overlap
+        # labels: placed after the scale is final, in points on the page, so close points
+        # (e.g. two int8 candidates a few tenths of a ms apart) do not print over each other
+        names = [str(r.get("name", ""))[:28] for r in pts]
+        ax.get_xlim(), ax.get_ylim()  # resolves pending autoscaling before reading transData
+        to_pt = 72.0 / fig.dpi
+        anchors = [(float(a) * to_pt, float(b) * to_pt) for a, b in ax.transData.transform(list(zip(xs, ys, strict=True)))]
+        for name, (x, y), off in zip(names, zip(xs, ys, strict=True), label_offsets(anchors, names), strict=True):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=off, fontsize=7)
         ax.set_xlabel(label + (", log scale" if log else ""))
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
@@ -152,6 +158,35 @@ def pareto_svg(rows: list[dict[str, Any]], teacher: dict[str, Any] | None = None
     axes[0].set_title("accuracy vs latency")
     axes[1].set_title("accuracy vs size")
     return _svg(fig)
+
+
+def label_offsets(anchors: list[tuple[float, float]], names: list[str], font_pt: float = 7.0,
+                  ) -> list[tuple[float, float]]:
+    """Greedy non-overlapping label positions for scatter points.
+
+    Args:
+        anchors: each point's position on the page, in points (x right, y up).
+        names: the label of each point.
+        font_pt: font size; a label is taken as ``0.6 * font_pt`` wide per character and
+            ``1.3 * font_pt`` tall.
+
+    Returns:
+        One ``(dx, dy)`` offset in points per point: up-right of it if that box is free, else
+        the nearest free slot stepping down/up a line at a time (the last slot if none is free).
+    """
+    w_char, h = 0.6 * font_pt, 1.3 * font_pt
+    slots = [(4.0, 4.0)] + [(4.0, 4.0 + s * k * h) for k in range(1, 6) for s in (-1, 1)]
+    placed: list[tuple[float, float, float, float]] = []  # boxes (x0, y0, x1, y1) already used
+    out: list[tuple[float, float]] = [(4.0, 4.0)] * len(anchors)
+    for i in sorted(range(len(anchors)), key=lambda n: (anchors[n][0], anchors[n][1])):
+        (ax_, ay), w = anchors[i], w_char * max(len(names[i]), 1)
+        for dx, dy in slots:
+            box = (ax_ + dx, ay + dy, ax_ + dx + w, ay + dy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        out[i] = (dx, dy)
+    return out
 
 
 def curves_svg(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> str | None:
