@@ -63,7 +63,7 @@ def classifier_runs(task: str, teacher: Path, train: Path, evalf: Path, out_root
     for seed in seeds:
         suffix = "" if seed == 42 else f"-s{seed}"
         _classifier_runs(task, teacher, train, evalf, out_root, force, rows, max_length, lr, epochs, students,
-                         intermediate_for if seed == 42 else None, seed, suffix)
+                         intermediate_for, seed, suffix)
 
 
 def _classifier_runs(task: str, teacher: Path, train: Path, evalf: Path, out_root: Path, force: bool,
@@ -78,7 +78,7 @@ def _classifier_runs(task: str, teacher: Path, train: Path, evalf: Path, out_roo
         run(f"{task}-L{n}-ce{suffix}", out_root, tree, {"student_layers": n, "alpha": 1.0}, force)
         run(f"{task}-L{n}-kd{suffix}", out_root, tree, {"student_layers": n, **kd}, force)
         if n == intermediate_for:
-            run(f"{task}-L{n}-kd-inter", out_root, tree, {"student_layers": n, **kd, "intermediate": True}, force)
+            run(f"{task}-L{n}-kd-inter{suffix}", out_root, tree, {"student_layers": n, **kd, "intermediate": True}, force)
 
 
 def shakespeare_files(out_root: Path) -> tuple[Path, Path]:
@@ -137,15 +137,20 @@ def latency(out_root: Path, teacher: Path) -> None:
 
 
 def seed_summary(runs: dict[str, dict[str, Any]]) -> list[str]:
-    """Mean ± std over seeds of KD vs CE per student, when some configuration has >= 2 seeds."""
+    """Mean ± std over seeds of each KD variant vs CE per student, when some have >= 2 seeds.
+
+    Only seeds present for both the variant and CE are paired, so a half-finished sweep compares
+    like with like.
+    """
     import re
     import statistics
 
-    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    groups: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}  # (student, variant) -> seed -> (acc, F1)
     for name, r in runs.items():
-        m = re.fullmatch(r"(\w+-L\d+)-(ce|kd)(?:-s\d+)?", name)
+        m = re.fullmatch(r"(\w+-L\d+)-(ce|kd|kd-inter)(?:-s(\d+))?", name)
         if m and r.get("task") == "classification":
-            groups.setdefault((m.group(1), m.group(2)), []).append((r["accuracy"], r["macro_f1"]))
+            seed = int(m.group(3) or 42)
+            groups.setdefault((m.group(1), m.group(2)), {})[seed] = (r["accuracy"], r["macro_f1"])
     if not any(len(v) >= 2 for v in groups.values()):
         return []
 
@@ -153,16 +158,20 @@ def seed_summary(runs: dict[str, dict[str, Any]]) -> list[str]:
         sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
         return f"{statistics.mean(xs):.4f} ± {sd:.4f}"
 
-    out = ["", "| student | seeds | CE acc (mean ± sd) | KD acc (mean ± sd) | KD − CE (pt, mean) | KD wins (seeds) | "
-           "CE macro-F1 | KD macro-F1 |", "|---|---|---|---|---|---|---|---|"]
+    out = ["", "| student | KD variant | seeds | CE acc (mean ± sd) | KD acc (mean ± sd) | KD − CE (pt, mean) | "
+           "KD wins (seeds) | CE macro-F1 | KD macro-F1 |", "|---|---|---|---|---|---|---|---|---|"]
     for stu in sorted({k[0] for k in groups}):
-        ce, kd = groups.get((stu, "ce"), []), groups.get((stu, "kd"), [])
-        if not ce or not kd or len(ce) != len(kd):
-            continue
-        ca, ka = [a for a, _ in ce], [a for a, _ in kd]
-        out.append(f"| {stu} | {len(ce)} | {ms(ca)} | {ms(ka)} | {100 * (sum(ka) / len(ka) - sum(ca) / len(ca)):+.2f} | "
-                   f"{sum(k > c for k, c in zip(ka, ca, strict=True))}/{len(ce)} | {ms([f for _, f in ce])} | "
-                   f"{ms([f for _, f in kd])} |")
+        ce = groups.get((stu, "ce"), {})
+        for variant in ("kd", "kd-inter"):
+            kd = groups.get((stu, variant), {})
+            seeds = sorted(set(ce) & set(kd))
+            if len(seeds) < 2:
+                continue
+            ca, ka = [ce[x][0] for x in seeds], [kd[x][0] for x in seeds]
+            out.append(f"| {stu} | {variant} | {len(seeds)} | {ms(ca)} | {ms(ka)} | "
+                       f"{100 * (statistics.mean(ka) - statistics.mean(ca)):+.2f} | "
+                       f"{sum(k > c for k, c in zip(ka, ca, strict=True))}/{len(seeds)} | "
+                       f"{ms([ce[x][1] for x in seeds])} | {ms([kd[x][1] for x in seeds])} |")
     return out
 
 
@@ -227,7 +236,7 @@ def main() -> None:
     elif a.section == "mrpc":
         classifier_runs("mrpc", Path(a.teacher or ART / "minilm-mrpc"), DATA / "mrpc" / "train.tsv", DATA / "mrpc" / "dev.tsv",
                         out_root, a.force, None, 64, 1e-4, a.mrpc_epochs,
-                        [int(n) for n in a.mrpc_students.split(",")], intermediate_for=None, seeds=tuple(a.seeds))
+                        [int(n) for n in a.mrpc_students.split(",")], intermediate_for=None if a.no_intermediate else 3, seeds=tuple(a.seeds))
     elif a.section == "causal":
         causal_runs(out_root, a.force, a.causal_steps, a.causal_layers)
     elif a.section == "latency":
