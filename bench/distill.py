@@ -4,6 +4,8 @@ Sections (run each under the heavy-run lock; finished runs are reused unless --f
 
 - ``sst2``: MiniLM-L6 teacher fine-tuned on SST-2 → 3- and 2-layer students, KD vs CE-only,
   plus intermediate-layer KD on the 3-layer student; accuracy on sst2/test.tsv.
+- ``transfer``: the SST-2 students with a transfer set: ``--sst2-rows`` labelled rows, the rest
+  of train.tsv unlabelled (KD from soft labels only), against CE-only for the same steps.
 - ``mrpc``: the same on MRPC (teacher fine-tuned with ``slimtune finetune``); accuracy on dev.
 - ``causal``: SmolLM2-135M (30 layers) → 10-layer student on Shakespeare, KD vs CE-only;
   perplexity on a held-out work.
@@ -136,6 +138,33 @@ def latency(out_root: Path, teacher: Path) -> None:
                                                       "batch": 1, "seq": 128, "threads": 1}, indent=1))
 
 
+def transfer_runs(teacher: Path, out_root: Path, force: bool, rows: int, students: list[int],
+                  seeds: tuple[int, ...]) -> None:
+    """KD with a transfer set vs CE-only at the same number of steps (run names ``sst2t-*``).
+
+    ``rows`` labelled SST-2 rows (seeded sample) are the task data. The KD student also reads
+    the rest of ``train.tsv`` without its labels (``distill.unlabeled``; the labelled rows are
+    dropped from it as duplicates) and learns those rows from the teacher's soft labels only.
+    The CE student sees only the labelled rows, for as many steps as the KD student took.
+    """
+    import copy
+
+    train = DATA / "sst2" / "train.tsv"
+    for seed in seeds:
+        suffix = "" if seed == 42 else f"-s{seed}"
+        tree = {"model": {"name": str(teacher), "task": "classification"},
+                "data": {"train": str(train), "eval": str(DATA / "sst2" / "test.tsv"), "max_length": 64,
+                         "max_train_samples": rows},
+                "train": {"epochs": 1.0, "batch_size": 32, "lr": 1e-4, "seed": seed, "eval_every": 10**9,
+                          "tensorboard": False, "warmup_ratio": 0.06}}
+        for n in students:
+            kd = run(f"sst2t-L{n}-kd{suffix}", out_root, tree,
+                     {"student_layers": n, "alpha": 0.5, "temperature": 2.0, "unlabeled": [str(train)]}, force)
+            ce_tree = copy.deepcopy(tree)
+            ce_tree["train"]["max_steps"] = kd["train"]["steps"]  # same steps: ~7.6 epochs of the labelled rows
+            run(f"sst2t-L{n}-ce{suffix}", out_root, ce_tree, {"student_layers": n, "alpha": 1.0}, force)
+
+
 def seed_summary(runs: dict[str, dict[str, Any]]) -> list[str]:
     """Mean ± std over seeds of each KD variant vs CE per student, when some have >= 2 seeds.
 
@@ -186,6 +215,9 @@ def report(out_root: Path) -> str:
             continue
         n = r["student_layers"]
         kd = "none (CE)" if r["alpha"] >= 1 else f"α={r['alpha']}, T={r['temperature']}" + (" + hidden/attn" if r["intermediate"] else "")
+        if r.get("transfer_set"):
+            kd += f" + {r['transfer_set']['added']:,} unlabelled"
+        kd += f", {r['train']['steps']:,} steps"
         lt = lat.get(f"student L{n}", {})
         lines.append(f"| {name} | L{n} {r['student_layer_map']} | {kd} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
                      f"{r['teacher_accuracy']:.4f} | {r['retention']:.2%} | {r['params']:,} | {r['size_mb']:.1f} | "
@@ -208,7 +240,7 @@ def report(out_root: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("section", choices=["sst2", "mrpc", "causal", "latency", "report"])
+    ap.add_argument("section", choices=["sst2", "transfer", "mrpc", "causal", "latency", "report"])
     ap.add_argument("--out", default=str(ART / "distill" / "bench"))
     ap.add_argument("--force", action="store_true", help="redo runs whose metrics.json exists")
     ap.add_argument("--sst2-rows", type=int, default=8000, help="SST-2 training rows (0: all 60,614)")
@@ -233,6 +265,9 @@ def main() -> None:
                         DATA / "sst2" / "test.tsv", out_root, a.force, a.sst2_rows or None, 64, 1e-4, a.sst2_epochs,
                         [int(n) for n in a.sst2_students.split(",")],
                         intermediate_for=None if a.no_intermediate else 3, seeds=tuple(a.seeds))
+    elif a.section == "transfer":
+        transfer_runs(Path(a.teacher or ART / "minilm-sst2"), out_root, a.force, a.sst2_rows or 8000,
+                      [int(n) for n in a.sst2_students.split(",")], tuple(a.seeds))
     elif a.section == "mrpc":
         classifier_runs("mrpc", Path(a.teacher or ART / "minilm-mrpc"), DATA / "mrpc" / "train.tsv", DATA / "mrpc" / "dev.tsv",
                         out_root, a.force, None, 64, 1e-4, a.mrpc_epochs,

@@ -392,3 +392,60 @@ def test_real_minilm_student_from_packaged_encoder() -> None:
     small, kept = build_student(teacher, layers=3)
     assert kept == [0, 2, 5] and small.config.num_hidden_layers == 3
     assert torch.equal(small.bert.encoder.layer[2].output.dense.weight, teacher.bert.encoder.layer[5].output.dense.weight)
+
+
+# ---------------------------------------------------------------------------- transfer set
+
+
+def test_masked_ce_averages_over_labelled_rows_only() -> None:
+    from slimtune.distill import masked_ce
+
+    logits = torch.randn(5, 3, requires_grad=True)
+    labels = torch.tensor([2, -100, 0, -100, 1])
+    keep = labels >= 0
+    assert torch.allclose(masked_ce(logits, labels), F.cross_entropy(logits[keep], labels[keep]))
+    none = masked_ce(logits, torch.full((5,), -100))
+    none.backward()  # a batch of transfer rows only: zero, finite, still part of the graph
+    assert none.item() == 0.0 and logits.grad is not None
+
+
+def test_unlabelled_rows_learn_from_the_teacher_only() -> None:
+    """A batch whose rows all lack labels: loss = (1-α)·T²·KL, and it is finite (the model's own CE is NaN)."""
+    teacher, student = tiny_bert(seed=1), tiny_bert(layers=2, seed=2)
+    data = cls_data(8)
+    data.labels = [-100] * 8
+    batch = collate(data, list(range(8)))
+    cfg = DistillConfig(student_layers=2, alpha=0.5, temperature=2.0)
+    loss = DistillLoss(teacher, cfg, causal=False)(student, dict(batch))
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.isfinite(loss)
+    assert torch.allclose(loss, 0.5 * soft_kl(s, t, 2.0), atol=1e-6)
+
+
+def test_cli_transfer_set_adds_unlabelled_rows_and_drops_duplicates(tmp_path: Path) -> None:
+    from tiny import make_tiny_bert, sentiment_rows, write_tsv
+
+    from slimtune.cli import main
+
+    teacher_dir = make_tiny_bert(tmp_path / "teacher")
+    rows = sentiment_rows(40)
+    write_tsv(tmp_path / "train.tsv", rows)
+    write_tsv(tmp_path / "dev.tsv", rows[:10])
+    # Transfer file: the 10 labelled rows again (dropped), 2 repeats of one new row (kept once),
+    # 5 new rows; no label column.
+    extra = [f"story scene {w} {v} plot" for w, v in zip(("very", "not", "really", "quite", "an"),
+                                                           ("good", "bad", "fine", "poor", "sad"), strict=True)]
+    (tmp_path / "unl.tsv").write_text("sentence\n" + "\n".join([r[0] for r in rows[:10]] + extra + extra[:1]) + "\n")
+    common = ["distill", "--teacher", str(teacher_dir), "--train", str(tmp_path / "train.tsv"),
+              "--eval", str(tmp_path / "dev.tsv"), "--student-layers", "1", "--epochs", "1",
+              "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "train.tensorboard=false"]
+    assert main([*common, "--output", str(tmp_path / "s"), "--unlabeled", str(tmp_path / "unl.tsv")]) == 0
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert m["transfer_set"] == {"read": 16, "duplicates": 11, "added": 5}
+    assert m["train"]["steps"] == math.ceil(45 / 4)
+    # A transfer set needs the teacher, and its files must exist: exit 2 with the key named.
+    assert main([*common, "--output", str(tmp_path / "b1"), "--unlabeled", str(tmp_path / "unl.tsv"),
+                 "--alpha", "1"]) == 2
+    assert main([*common, "--output", str(tmp_path / "b2"), "--unlabeled", str(tmp_path / "nope.tsv")]) == 2

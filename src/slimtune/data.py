@@ -161,6 +161,8 @@ def _label_key(v: Any) -> str:
 def build_label_names(raw: Sequence[str]) -> list[str]:
     """Order label names: integer labels by value (so '0','1' keep their ids), strings sorted."""
     uniq = sorted(set(raw))
+    if not uniq:  # an unlabelled file
+        return []
     if all(u.lstrip("-").isdigit() for u in uniq):
         ints = sorted(int(u) for u in uniq)
         if ints[0] >= 0 and ints[-1] < 1000:

@@ -48,6 +48,8 @@ class DistillConfig:
     teacher_dtype: Literal["float32", "bfloat16"] = _f("float32", "Precision the frozen teacher runs in (bfloat16 halves its memory).")
     teacher_cache: Literal["auto", "on", "off"] = _f("auto", "Cache teacher logits on disk: auto = for classifiers without intermediate KD.")
     cache_dir: str | None = _f(None, "Folder of teacher-logit caches (default: $SLIMTUNE_CACHE/distill).")
+    unlabeled: list[str] | None = _f(None, "Transfer set: CSV/TSV/JSONL files whose rows the student learns from the teacher's soft labels only (labels, if any, are ignored; rows equal to a labelled training row are dropped). Classifiers only.")
+    max_unlabeled_samples: int | None = _f(None, "Keep this many transfer-set rows, chosen by a seeded shuffle (None: all).")
 
     def validate(self, recipe: Any) -> None:
         """Raise RecipeError naming the key on bad values or contradictory settings."""
@@ -69,6 +71,18 @@ class DistillConfig:
             raise RecipeError(f"distill.student: not a model folder: {self.student}")
         if self.student_layers is not None and self.student_layers < 1:
             raise RecipeError(f"distill.student_layers: must be >= 1, got {self.student_layers}")
+        if self.unlabeled:
+            if recipe.model.task != "classification":
+                raise RecipeError("distill.unlabeled: a transfer set is for classifiers (causal-LM text needs no labels: "
+                                  "add it to data.train)")
+            if self.alpha >= 1.0:
+                raise RecipeError("distill.unlabeled: transfer-set rows have no labels, so they need the teacher "
+                                  "(alpha < 1)")
+            for f in self.unlabeled:
+                if not Path(f).is_file():
+                    raise RecipeError(f"distill.unlabeled: file not found: {f}")
+        if self.max_unlabeled_samples is not None and self.max_unlabeled_samples < 1:
+            raise RecipeError(f"distill.max_unlabeled_samples: must be >= 1, got {self.max_unlabeled_samples}")
         if self.alpha >= 1.0 and not self.intermediate:
             print("[slimtune] distill.alpha = 1 without intermediate KD: plain fine-tuning of the student "
                   "(the no-KD baseline)", file=sys.stderr)
@@ -107,8 +121,14 @@ class DistillLoss:
             extra["output_hidden_states"] = True
         if self.use_attn:
             extra["output_attentions"] = True
+        labels = batch.get("labels")
+        # Transfer-set rows carry label -100: the CE averages over the labelled rows of the batch
+        # only (the model's own loss would be NaN on a batch without any).
+        unlabeled = not self.causal and labels is not None and bool((labels < 0).any())
+        if unlabeled:
+            batch = {k: v for k, v in batch.items() if k != "labels"}
         out = model(**batch, **extra)
-        hard = out.loss
+        hard = masked_ce(out.logits, labels) if unlabeled else out.loss
         cfg = self.cfg
         if cfg.alpha >= 1.0 and not cfg.intermediate:
             self.last = {"hard": float(hard.detach())}
@@ -143,6 +163,80 @@ class DistillLoss:
             terms["attention"] = float(a.detach())
         self.last = terms
         return loss
+
+
+def masked_ce(logits: Any, labels: Any) -> Any:
+    """Mean cross-entropy over the rows with a label (>= 0); 0 (with a graph) when there are none.
+
+    Args:
+        logits: (B, C) student logits.
+        labels: (B,) class ids, -100 for transfer-set rows.
+    """
+    import torch.nn.functional as F
+
+    n = (labels >= 0).sum().clamp_min(1)
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum") / n
+
+
+def add_transfer_set(recipe: Any, dcfg: DistillConfig, data: list[tuple[Any, Any]]) -> dict[str, int]:
+    """Append the transfer set (``distill.unlabeled``) to training data, with label -100.
+
+    Args:
+        recipe: the resolved recipe (column names, max_length, seed).
+        dcfg: the distill section.
+        data: (TokenizedData, tokenizer) pairs to extend; the first is the teacher's, whose
+            token ids decide which rows are duplicates of labelled rows (dropped, as are repeats).
+
+    Returns:
+        Counts: ``read`` rows, ``duplicates`` dropped, ``added`` rows.
+    """
+    import random
+
+    from slimtune.data import DataError, load_classification, tokenize_classification
+
+    d = recipe.data
+    train_cols = load_classification(d.train, text_column=d.text_column, text_pair_column=d.text_pair_column,
+                                     label_column=d.label_column, skip_bad_rows=d.skip_bad_rows,
+                                     encoding=d.encoding).columns
+    texts: list[str] = []
+    pairs: list[str] = []
+    for f in dcfg.unlabeled or []:
+        cd = load_classification(f, text_column=d.text_column, text_pair_column=d.text_pair_column,
+                                 require_labels=False, skip_bad_rows=d.skip_bad_rows, encoding=d.encoding)
+        if (cd.pairs is None) != (train_cols["text_pair"] is None):
+            what = "sentence pairs" if train_cols["text_pair"] else "single texts"
+            raise DataError(f"{f}: the training data {d.train} holds {what}; this transfer-set file does not "
+                            f"(columns {cd.columns})")
+        texts += cd.texts
+        pairs += cd.pairs or []
+    first, first_tok = data[0]
+    enc = first_tok(texts, pairs or None, truncation=True, max_length=d.max_length, padding=False,
+                    return_attention_mask=False)["input_ids"]
+    seen = {tuple(x) for x in first.input_ids}
+    keep = []
+    for i, ids in enumerate(enc):
+        key = tuple(ids)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    dupes = len(texts) - len(keep)
+    if dcfg.max_unlabeled_samples is not None and dcfg.max_unlabeled_samples < len(keep):
+        keep = sorted(random.Random(recipe.train.seed).sample(keep, dcfg.max_unlabeled_samples))
+    from slimtune.data import ClassificationData
+
+    sub = ClassificationData("transfer set", [texts[i] for i in keep], [pairs[i] for i in keep] if pairs else None,
+                             None, [], 0, {})
+    done: set[int] = set()
+    for td, tok in data:
+        if id(td) in done:  # the student shares the teacher's tokenization
+            continue
+        done.add(id(td))
+        extra = tokenize_classification(sub, tok, d.max_length)
+        td.input_ids = td.input_ids + extra.input_ids
+        if td.token_type_ids is not None:
+            td.token_type_ids = td.token_type_ids + (extra.token_type_ids or [[0] * len(x) for x in extra.input_ids])
+        td.labels = (td.labels or []) + [-100] * len(keep)
+    return {"read": len(texts), "duplicates": dupes, "added": len(keep)}
 
 
 def intermediate_maps(n_student: int, n_teacher: int, kept: list[int] | None) -> tuple[list[int], list[int]]:
@@ -244,6 +338,13 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
                                   "distillation works only for classifier logits without intermediate KD")
             s_train, s_eval, _ = prepare_data(recipe, s_tok)
 
+    transfer = None
+    if dcfg.unlabeled:
+        n_labelled = len(t_train)
+        transfer = add_transfer_set(recipe, dcfg, [(t_train, t_tok), (s_train, s_tok)])
+        print(f"[slimtune] transfer set: {transfer['added']:,} unlabelled rows added to {n_labelled:,} labelled "
+              f"({transfer['duplicates']:,} duplicates of labelled or earlier rows dropped)", file=sys.stderr)
+
     # --- teacher: frozen, eval mode, optionally bf16
     teacher = load_model(m.name, m.task, dtype="float32", trust_remote_code=m.trust_remote_code,
                          pad_token_id=t_train.pad_id)
@@ -297,6 +398,8 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
                               "alpha": dcfg.alpha, "temperature": dcfg.temperature, "kl_direction": dcfg.kl_direction,
                               "intermediate": dcfg.intermediate,
                               "teacher_cache": train_cache.status if train_cache else "off"}
+    if transfer is not None:
+        result["transfer_set"] = transfer
     if Path(teacher_path).is_dir():
         result["teacher_size_mb"] = weights_size_mb(teacher_path)
     if t_eval is not None:
@@ -371,6 +474,8 @@ DISTILL_ONLY_FLAGS: dict[str, tuple[str, type, str]] = {
     "teacher_dtype": ("distill.teacher_dtype", str, "float32 | bfloat16"),
     "teacher_cache": ("distill.teacher_cache", str, "auto | on | off"),
     "cache_dir": ("distill.cache_dir", str, "teacher-logit cache folder"),
+    "unlabeled": ("distill.unlabeled", str, "transfer set: comma-separated files learnt from soft labels only"),
+    "max_unlabeled_samples": ("distill.max_unlabeled_samples", int, "rows of the transfer set to keep"),
 }
 
 
