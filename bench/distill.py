@@ -125,7 +125,11 @@ def latency(out_root: Path, teacher: Path) -> None:
     )
 
     set_threads(1)
-    models = {"teacher L6": teacher, "student L3": out_root / "sst2-L3-kd", "student L2": out_root / "sst2-L2-kd"}
+    models = {"teacher L6": teacher}
+    for n in (3, 2):  # the KD student of the sst2 section, else of the transfer section
+        found = [out_root / f"{run}-L{n}-kd" for run in ("sst2", "sst2t") if (out_root / f"{run}-L{n}-kd").is_dir()]
+        if found:
+            models[f"student L{n}"] = found[0]
     tok = AutoTokenizer.from_pretrained(models["teacher L6"])
     inputs = sample_inputs(tok, 1, 128)
     runners = {k: torch_runner(AutoModelForSequenceClassification.from_pretrained(v), inputs)
