@@ -192,7 +192,12 @@ def add_transfer_set(recipe: Any, dcfg: DistillConfig, data: list[tuple[Any, Any
     """
     import random
 
-    from slimtune.data import DataError, load_classification, tokenize_classification
+    from slimtune.data import (
+        ClassificationData,
+        DataError,
+        load_classification,
+        tokenize_classification,
+    )
 
     d = recipe.data
     train_cols = load_classification(d.train, text_column=d.text_column, text_pair_column=d.text_pair_column,
@@ -222,8 +227,6 @@ def add_transfer_set(recipe: Any, dcfg: DistillConfig, data: list[tuple[Any, Any
     dupes = len(texts) - len(keep)
     if dcfg.max_unlabeled_samples is not None and dcfg.max_unlabeled_samples < len(keep):
         keep = sorted(random.Random(recipe.train.seed).sample(keep, dcfg.max_unlabeled_samples))
-    from slimtune.data import ClassificationData
-
     sub = ClassificationData("transfer set", [texts[i] for i in keep], [pairs[i] for i in keep] if pairs else None,
                              None, [], 0, {})
     done: set[int] = set()
