@@ -10,7 +10,8 @@ Usage (from the repo root)::
         --groups block cycle --init mean first --ranks 0 64 80 128
 
 ``block`` pairs neighbours (6 layers -> 0-1, 2-3, 4-5); ``cycle`` pairs layer i with i + L/G
-(0-3, 1-4, 2-5), the "cycle" pattern of Relaxed Recursive Transformers (Bae et al., 2024).
+(0-3, 1-4, 2-5), the "cycle" pattern of Relaxed Recursive Transformers (Bae et al., 2024);
+both are the sharing method's ``pattern``.
 """
 
 from __future__ import annotations
@@ -21,14 +22,6 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def group_lists(pattern: str, n_layers: int, n_groups: int) -> list[list[int]]:
-    """Layer groups for ``block`` (neighbours) or ``cycle`` (i, i + n/g, ...) sharing."""
-    size = n_layers // n_groups
-    if pattern == "block":
-        return [list(range(g * size, (g + 1) * size)) for g in range(n_groups)]
-    return [list(range(g, n_layers, n_groups)) for g in range(n_groups)]
 
 
 def main() -> None:
@@ -55,15 +48,14 @@ def main() -> None:
     data = load_classification(a.eval)
     ev = tokenize_classification(data, load_tokenizer(a.model), a.max_length)
     base = load_model(a.model, "classification")
-    n_layers = int(base.config.num_hidden_layers)
     rows = [{"setting": "unshared", "accuracy": evaluate_any(base.eval(), ev, "classification", data.label_names, 64)["accuracy"]}]
     print(f"unshared: {rows[0]['accuracy']:.4f}", flush=True)
     sharing = get_method("sharing")
     for pattern in a.groups:
         for init in a.init:
             for r in a.ranks:
-                cfg = SharingMethodConfig(groups=group_lists(pattern, n_layers, a.n_groups), init=init,
-                                          share="matrices", relax_rank=r)
+                cfg = SharingMethodConfig(groups=a.n_groups, pattern=pattern, init=init, share="matrices",
+                                          relax_rank=r)
                 model = sharing.apply(load_model(a.model, "classification"), cfg,
                                       MethodContext(task="classification", total_steps=1, base_model=a.model))
                 acc = evaluate_any(model.eval(), ev, "classification", data.label_names, 64)["accuracy"]

@@ -187,6 +187,9 @@ def test_sharing_groups() -> None:
     assert resolve_groups(3, 6) == [[0, 1], [2, 3], [4, 5]]
     assert resolve_groups(0, 5) == [[0, 1], [2, 3], [4]]
     assert resolve_groups(2, 5) == [[0, 1, 2], [3, 4]]
+    assert resolve_groups(3, 6, "cycle") == [[0, 3], [1, 4], [2, 5]]
+    assert resolve_groups(2, 5, "cycle") == [[0, 2, 4], [1, 3]]
+    assert resolve_groups([[0, 5], [1, 2, 3, 4]], 6, "cycle") == [[0, 5], [1, 2, 3, 4]]
     assert resolve_groups([[0, 5], [1, 2, 3, 4]], 6) == [[0, 5], [1, 2, 3, 4]]
     with pytest.raises(RecipeError, match="every layer index 0..5"):
         resolve_groups([[0, 1], [2, 3]], 6)
