@@ -112,7 +112,7 @@ def resolve_groups(groups: int | list[list[int]], n_layers: int, pattern: str = 
     An integer k makes k groups (0 means ceil(n/2), i.e. pairs of layers). ``block``: k
     consecutive runs of near-equal size (earlier runs take the remainder). ``cycle``: group g
     holds layers g, g + k, g + 2k, ... (the CYCLE pattern of Relaxed Recursive Transformers,
-    Bae et al., 2024). Measured on MiniLM 6 -> 3 with a relaxation: cycle + ``init: first``
+    Bae et al., 2024). Measured on MiniLM 6 -> 3 after KD recovery: cycle + ``init: first``
     recovers far better (docs/methods.md). Explicit lists ignore ``pattern``.
     """
     from slimtune.config import RecipeError
