@@ -127,9 +127,9 @@ def latency(out_root: Path, teacher: Path) -> None:
     set_threads(1)
     models = {"teacher L6": teacher}
     for n in (3, 2):  # the KD student of the sst2 section, else of the transfer section
-        found = [out_root / f"{run}-L{n}-kd" for run in ("sst2", "sst2t") if (out_root / f"{run}-L{n}-kd").is_dir()]
+        found = next((d for d in (out_root / f"sst2-L{n}-kd", out_root / f"sst2t-L{n}-kd") if d.is_dir()), None)
         if found:
-            models[f"student L{n}"] = found[0]
+            models[f"student L{n}"] = found
     tok = AutoTokenizer.from_pretrained(models["teacher L6"])
     inputs = sample_inputs(tok, 1, 128)
     runners = {k: torch_runner(AutoModelForSequenceClassification.from_pretrained(v), inputs)

@@ -416,7 +416,7 @@ def test_unlabelled_rows_learn_from_the_teacher_only() -> None:
     data.labels = [-100] * 8
     batch = collate(data, list(range(8)))
     cfg = DistillConfig(student_layers=2, alpha=0.5, temperature=2.0)
-    loss = DistillLoss(teacher, cfg, causal=False)(student, dict(batch))
+    loss = DistillLoss(teacher, cfg, causal=False, unlabeled_rows=True)(student, dict(batch))
     with torch.no_grad():
         t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -449,3 +449,31 @@ def test_cli_transfer_set_adds_unlabelled_rows_and_drops_duplicates(tmp_path: Pa
     assert main([*common, "--output", str(tmp_path / "b1"), "--unlabeled", str(tmp_path / "unl.tsv"),
                  "--alpha", "1"]) == 2
     assert main([*common, "--output", str(tmp_path / "b2"), "--unlabeled", str(tmp_path / "nope.tsv")]) == 2
+
+
+def test_transfer_set_extends_teacher_and_student_data_alike(tmp_path: Path) -> None:
+    """Two tokenizations (teacher's, student's) get the same kept rows, in the same order, label -100."""
+    from tiny import make_tiny_bert, sentiment_rows, write_tsv
+
+    from slimtune.config import resolve
+    from slimtune.data import DataError, load_classification, tokenize_classification
+    from slimtune.distill import add_transfer_set
+    from slimtune.models import load_tokenizer
+
+    tok = load_tokenizer(str(make_tiny_bert(tmp_path / "m")))
+    rows = sentiment_rows(12)
+    write_tsv(tmp_path / "train.tsv", rows)
+    write_tsv(tmp_path / "unl.tsv", sentiment_rows(12, seed=1) + rows[:3])
+    recipe = resolve({"model": {"name": "x"}, "data": {"train": str(tmp_path / "train.tsv"), "max_length": 32}}, "t")
+    cd = load_classification(tmp_path / "train.tsv")
+    teacher, student = tokenize_classification(cd, tok, 32), tokenize_classification(cd, tok, 32)
+    counts = add_transfer_set(recipe, DistillConfig(student_layers=1, unlabeled=[str(tmp_path / "unl.tsv")]),
+                              [(teacher, tok), (student, tok)])
+    assert counts["read"] == 15 and counts["duplicates"] >= 3 and counts["added"] == 15 - counts["duplicates"]
+    assert teacher.input_ids == student.input_ids and len(teacher) == 12 + counts["added"]
+    assert teacher.labels[12:] == [-100] * counts["added"] and teacher.labels[:12] == cd.labels
+    # A transfer file of sentence pairs for single-text training data: a clear error naming the file.
+    (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\na good film\ta bad plot\n")
+    with pytest.raises(DataError, match="pairs.tsv"):
+        add_transfer_set(recipe, DistillConfig(student_layers=1, unlabeled=[str(tmp_path / "pairs.tsv")]),
+                         [(teacher, tok)])

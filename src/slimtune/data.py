@@ -265,6 +265,7 @@ class TokenizedData:
     pad_id: int
     causal: bool = False
     example_ids: bool = False  # collate adds an ``example_ids`` (B,) tensor (distillation looks up cached teacher outputs by it)
+    pairs: bool = False  # classification rows are sentence pairs (text + text pair)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -278,7 +279,7 @@ def tokenize_classification(data: ClassificationData, tokenizer: Any, max_length
     enc = tokenizer(data.texts, data.pairs, truncation=True, max_length=max_length,
                     padding=False, return_attention_mask=False)
     tt = enc.get("token_type_ids")
-    return TokenizedData(enc["input_ids"], tt, data.labels, _pad_id(tokenizer))
+    return TokenizedData(enc["input_ids"], tt, data.labels, _pad_id(tokenizer), pairs=data.pairs is not None)
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -103,8 +103,12 @@ class DistillLoss:
     """
 
     def __init__(self, teacher: Any, cfg: DistillConfig, causal: bool, cache: Any = None,
-                 hidden_map: list[int] | None = None, layer_map: list[int] | None = None):
+                 hidden_map: list[int] | None = None, layer_map: list[int] | None = None,
+                 unlabeled_rows: bool = False):
         self.teacher, self.cfg, self.causal, self.cache = teacher, cfg, causal, cache
+        # Transfer-set rows carry label -100: the hard CE then averages over the labelled rows of
+        # each batch only (the model's own loss is NaN on a batch without any).
+        self.unlabeled_rows = unlabeled_rows
         self.hidden_map, self.layer_map = hidden_map, layer_map
         self.use_hidden = cfg.intermediate and cfg.hidden_weight > 0
         self.use_attn = cfg.intermediate and cfg.attention_weight > 0
@@ -121,14 +125,13 @@ class DistillLoss:
             extra["output_hidden_states"] = True
         if self.use_attn:
             extra["output_attentions"] = True
-        labels = batch.get("labels")
-        # Transfer-set rows carry label -100: the CE averages over the labelled rows of the batch
-        # only (the model's own loss would be NaN on a batch without any).
-        unlabeled = not self.causal and labels is not None and bool((labels < 0).any())
-        if unlabeled:
-            batch = {k: v for k, v in batch.items() if k != "labels"}
-        out = model(**batch, **extra)
-        hard = masked_ce(out.logits, labels) if unlabeled else out.loss
+        if self.unlabeled_rows:
+            labels = batch.pop("labels")
+            out = model(**batch, **extra)
+            hard = masked_ce(out.logits, labels)
+        else:
+            out = model(**batch, **extra)
+            hard = out.loss
         cfg = self.cfg
         if cfg.alpha >= 1.0 and not cfg.intermediate:
             self.last = {"hard": float(hard.detach())}
@@ -184,8 +187,8 @@ def add_transfer_set(recipe: Any, dcfg: DistillConfig, data: list[tuple[Any, Any
     Args:
         recipe: the resolved recipe (column names, max_length, seed).
         dcfg: the distill section.
-        data: (TokenizedData, tokenizer) pairs to extend; the first is the teacher's, whose
-            token ids decide which rows are duplicates of labelled rows (dropped, as are repeats).
+        data: distinct (TokenizedData, tokenizer) pairs to extend, the teacher's first: its
+            token ids decide which rows duplicate a labelled row (dropped, as are repeats).
 
     Returns:
         Counts: ``read`` rows, ``duplicates`` dropped, ``added`` rows.
@@ -200,46 +203,47 @@ def add_transfer_set(recipe: Any, dcfg: DistillConfig, data: list[tuple[Any, Any
     )
 
     d = recipe.data
-    train_cols = load_classification(d.train, text_column=d.text_column, text_pair_column=d.text_pair_column,
-                                     label_column=d.label_column, skip_bad_rows=d.skip_bad_rows,
-                                     encoding=d.encoding).columns
+    (first, first_tok), rest = data[0], data[1:]
     texts: list[str] = []
     pairs: list[str] = []
     for f in dcfg.unlabeled or []:
         cd = load_classification(f, text_column=d.text_column, text_pair_column=d.text_pair_column,
                                  require_labels=False, skip_bad_rows=d.skip_bad_rows, encoding=d.encoding)
-        if (cd.pairs is None) != (train_cols["text_pair"] is None):
-            what = "sentence pairs" if train_cols["text_pair"] else "single texts"
+        if (cd.pairs is not None) != first.pairs:
+            what = "sentence pairs" if first.pairs else "single texts"
             raise DataError(f"{f}: the training data {d.train} holds {what}; this transfer-set file does not "
                             f"(columns {cd.columns})")
         texts += cd.texts
         pairs += cd.pairs or []
-    first, first_tok = data[0]
-    enc = first_tok(texts, pairs or None, truncation=True, max_length=d.max_length, padding=False,
-                    return_attention_mask=False)["input_ids"]
+    rows = ClassificationData("transfer set", texts, pairs or None, None, [], 0, {})
+    enc = tokenize_classification(rows, first_tok, d.max_length)
     seen = {tuple(x) for x in first.input_ids}
     keep = []
-    for i, ids in enumerate(enc):
-        key = tuple(ids)
-        if key not in seen:
-            seen.add(key)
+    for i, ids in enumerate(enc.input_ids):
+        if tuple(ids) not in seen:
+            seen.add(tuple(ids))
             keep.append(i)
     dupes = len(texts) - len(keep)
     if dcfg.max_unlabeled_samples is not None and dcfg.max_unlabeled_samples < len(keep):
         keep = sorted(random.Random(recipe.train.seed).sample(keep, dcfg.max_unlabeled_samples))
-    sub = ClassificationData("transfer set", [texts[i] for i in keep], [pairs[i] for i in keep] if pairs else None,
-                             None, [], 0, {})
-    done: set[int] = set()
-    for td, tok in data:
-        if id(td) in done:  # the student shares the teacher's tokenization
-            continue
-        done.add(id(td))
-        extra = tokenize_classification(sub, tok, d.max_length)
+    kept = ClassificationData("transfer set", [texts[i] for i in keep], [pairs[i] for i in keep] if pairs else None,
+                              None, [], 0, {})
+    for td, extra in [(first, _subset(enc, keep))] + [(td, tokenize_classification(kept, tok, d.max_length))
+                                                       for td, tok in rest]:
         td.input_ids = td.input_ids + extra.input_ids
-        if td.token_type_ids is not None:
-            td.token_type_ids = td.token_type_ids + (extra.token_type_ids or [[0] * len(x) for x in extra.input_ids])
-        td.labels = (td.labels or []) + [-100] * len(keep)
+        if td.token_type_ids is not None:  # same tokenizer as extra's, so extra has them too
+            td.token_type_ids = td.token_type_ids + extra.token_type_ids
+        td.labels = td.labels + [-100] * len(keep)
     return {"read": len(texts), "duplicates": dupes, "added": len(keep)}
+
+
+def _subset(data: Any, keep: list[int]) -> Any:
+    """The rows ``keep`` of a TokenizedData (ids and token types only; no labels)."""
+    import dataclasses
+
+    tt = data.token_type_ids
+    return dataclasses.replace(data, input_ids=[data.input_ids[i] for i in keep],
+                               token_type_ids=[tt[i] for i in keep] if tt is not None else None)
 
 
 def intermediate_maps(n_student: int, n_teacher: int, kept: list[int] | None) -> tuple[list[int], list[int]]:
@@ -344,7 +348,8 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
     transfer = None
     if dcfg.unlabeled:
         n_labelled = len(t_train)
-        transfer = add_transfer_set(recipe, dcfg, [(t_train, t_tok), (s_train, s_tok)])
+        distinct = [(t_train, t_tok)] + ([(s_train, s_tok)] if s_train is not t_train else [])
+        transfer = add_transfer_set(recipe, dcfg, distinct)
         print(f"[slimtune] transfer set: {transfer['added']:,} unlabelled rows added to {n_labelled:,} labelled "
               f"({transfer['duplicates']:,} duplicates of labelled or earlier rows dropped)", file=sys.stderr)
 
@@ -432,7 +437,7 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
         n_s, n_t = int(student.config.num_hidden_layers), int(teacher.config.num_hidden_layers)
         hidden_map, layer_map = intermediate_maps(n_s, n_t, kept)
         attach_projection(student, int(student.config.hidden_size), int(teacher.config.hidden_size))
-    loss_fn = DistillLoss(teacher, dcfg, causal, train_cache, hidden_map, layer_map)
+    loss_fn = DistillLoss(teacher, dcfg, causal, train_cache, hidden_map, layer_map, unlabeled_rows=transfer is not None)
     metric = t.metric if t.metric != "auto" else ("loss" if causal else "accuracy")
     eval_fn = None
     if s_eval is not None:
