@@ -142,31 +142,36 @@ def latency(out_root: Path, teacher: Path) -> None:
                                                       "batch": 1, "seq": 128, "threads": 1}, indent=1))
 
 
-def transfer_runs(teacher: Path, out_root: Path, force: bool, rows: int, students: list[int],
-                  seeds: tuple[int, ...]) -> None:
-    """KD with a transfer set vs CE-only at the same number of steps (run names ``sst2t-*``).
+def transfer_runs(teacher: Path, out_root: Path, force: bool, rows: int | None, students: list[int],
+                  seeds: tuple[int, ...], *, task: str = "sst2", unlabeled: list[Path] | None = None,
+                  max_length: int = 64, lr: float = 1e-4, epochs: float = 1.0, prefix: str | None = None) -> None:
+    """KD with a transfer set vs CE-only at the same number of steps.
 
-    ``rows`` labelled SST-2 rows (seeded sample) are the task data. The KD student also reads
-    the rest of ``train.tsv`` without its labels (``distill.unlabeled``; the labelled rows are
-    dropped from it as duplicates) and learns those rows from the teacher's soft labels only.
-    The CE student sees only the labelled rows, for as many steps as the KD student took.
+    ``rows`` labelled rows of the task's train.tsv (seeded sample; None: all) are the task data.
+    The KD student also reads ``unlabeled`` (default: the task's whole train.tsv, whose labelled
+    rows are dropped from it as duplicates) without labels, and learns those rows from the
+    teacher's soft labels only. The CE student sees only the labelled rows, for as many steps as
+    the KD student took. Run names: ``{prefix}-L{n}-kd|ce[-s{seed}]`` (prefix default ``{task}t``).
     """
     import copy
 
-    train = DATA / "sst2" / "train.tsv"
+    train = DATA / task / "train.tsv"
+    evalf = DATA / task / ("test.tsv" if task == "sst2" else "dev.tsv")
+    prefix = prefix or f"{task}t"
     for seed in seeds:
         suffix = "" if seed == 42 else f"-s{seed}"
         tree = {"model": {"name": str(teacher), "task": "classification"},
-                "data": {"train": str(train), "eval": str(DATA / "sst2" / "test.tsv"), "max_length": 64,
+                "data": {"train": str(train), "eval": str(evalf), "max_length": max_length,
                          "max_train_samples": rows},
-                "train": {"epochs": 1.0, "batch_size": 32, "lr": 1e-4, "seed": seed, "eval_every": 10**9,
+                "train": {"epochs": epochs, "batch_size": 32, "lr": lr, "seed": seed, "eval_every": 10**9,
                           "tensorboard": False, "warmup_ratio": 0.06}}
         for n in students:
-            kd = run(f"sst2t-L{n}-kd{suffix}", out_root, tree,
-                     {"student_layers": n, "alpha": 0.5, "temperature": 2.0, "unlabeled": [str(train)]}, force)
+            kd = run(f"{prefix}-L{n}-kd{suffix}", out_root, tree,
+                     {"student_layers": n, "alpha": 0.5, "temperature": 2.0,
+                      "unlabeled": [str(u) for u in (unlabeled or [train])]}, force)
             ce_tree = copy.deepcopy(tree)
-            ce_tree["train"]["max_steps"] = kd["train"]["steps"]  # same steps: ~7.6 epochs of the labelled rows
-            run(f"sst2t-L{n}-ce{suffix}", out_root, ce_tree, {"student_layers": n, "alpha": 1.0}, force)
+            ce_tree["train"]["max_steps"] = kd["train"]["steps"]  # same steps: several epochs of the labelled rows
+            run(f"{prefix}-L{n}-ce{suffix}", out_root, ce_tree, {"student_layers": n, "alpha": 1.0}, force)
 
 
 def seed_summary(runs: dict[str, dict[str, Any]]) -> list[str]:
@@ -258,6 +263,12 @@ def main() -> None:
     ap.add_argument("--mrpc-epochs", type=float, default=1.0)
     ap.add_argument("--causal-layers", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    ap.add_argument("--task", choices=["sst2", "mrpc"], default="sst2", help="transfer section: the task")
+    ap.add_argument("--unlabeled", nargs="+", help="transfer section: transfer-set files (default: the task's "
+                                                   "train.tsv, its labelled rows dropped as duplicates)")
+    ap.add_argument("--max-length", type=int, default=None, help="transfer section (default: 64 SST-2, 128 MRPC)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="transfer section")
+    ap.add_argument("--prefix", help="transfer section: run-name prefix (default: sst2t / mrpct)")
     a = ap.parse_args()
     out_root = Path(a.out)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -270,8 +281,13 @@ def main() -> None:
                         [int(n) for n in a.sst2_students.split(",")],
                         intermediate_for=None if a.no_intermediate else 3, seeds=tuple(a.seeds))
     elif a.section == "transfer":
-        transfer_runs(Path(a.teacher or ART / "minilm-sst2"), out_root, a.force, a.sst2_rows or 8000,
-                      [int(n) for n in a.sst2_students.split(",")], tuple(a.seeds))
+        mrpc = a.task == "mrpc"
+        transfer_runs(Path(a.teacher or ART / f"minilm-{a.task}"), out_root, a.force,
+                      None if mrpc else (a.sst2_rows or 8000),
+                      [int(n) for n in (a.mrpc_students if mrpc else a.sst2_students).split(",")], tuple(a.seeds),
+                      task=a.task, unlabeled=[Path(u) for u in a.unlabeled] if a.unlabeled else None,
+                      max_length=a.max_length or (128 if mrpc else 64), lr=a.lr,
+                      epochs=a.mrpc_epochs if mrpc else a.sst2_epochs, prefix=a.prefix)
     elif a.section == "mrpc":
         classifier_runs("mrpc", Path(a.teacher or ART / "minilm-mrpc"), DATA / "mrpc" / "train.tsv", DATA / "mrpc" / "dev.tsv",
                         out_root, a.force, None, 64, 1e-4, a.mrpc_epochs,

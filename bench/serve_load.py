@@ -154,24 +154,19 @@ def percentile(xs: list[float], q: float) -> float:
 
 def model_only(model: str, threads: int | None, texts: list[str], bs: int, forward_cost: int) -> dict[str, Any]:
     """Bare-model ceiling on the load test's own texts: ms per text run one by one vs gathered
-    ``bs`` at a time (sorted and split by length as the server does). No HTTP, no queue."""
-    import torch
-
-    from slimtune.bench import set_threads
-    from slimtune.models import load_model, load_tokenizer
+    ``bs`` at a time (sorted and split by length as the server does). No HTTP, no queue. The model
+    is loaded by the server's own loader, so any backend it serves (torch, ONNX Runtime,
+    quantized) is measured the way it is served."""
     from slimtune.serve_batching import split_by_length
-    from slimtune.serve_models import pad_batch
+    from slimtune.serve_models import load_runner, pad_batch
 
-    if threads:
-        set_threads(threads)
-    tok = load_tokenizer(model)
-    m = load_model(model, "classification").eval()
-    encs = [dict(tok(t, truncation=True, max_length=128)) for t in texts]
+    runner = load_runner(model, threads)
+    tok = runner.tokenizer
+    encs = [dict(tok(t, truncation=True, max_length=runner.max_length)) for t in texts]
     pad = tok.pad_token_id or 0
 
     def fwd(rows: list[dict]) -> None:
-        with torch.inference_mode():
-            m(**{k: torch.as_tensor(v) for k, v in pad_batch(rows, pad).items()})
+        runner.logits(pad_batch(rows, pad))
 
     fwd(encs[:1])
     fwd(encs[:bs])  # warm-up
@@ -186,7 +181,8 @@ def model_only(model: str, threads: int | None, texts: list[str], bs: int, forwa
             fwd(group[a:b])
             forwards += 1
     many = (time.perf_counter() - t0) * 1000 / len(encs)
-    return {"texts": len(encs), "mean_tokens": sum(len(e["input_ids"]) for e in encs) / len(encs),
+    return {"backend": runner.backend, "texts": len(encs),
+            "mean_tokens": sum(len(e["input_ids"]) for e in encs) / len(encs),
             "one_by_one_ms_per_text": one, "batched_ms_per_text": many, "batched_forwards": forwards,
             "ceiling": one / many}
 

@@ -14,7 +14,7 @@ from typing import Any
 
 # Modules that add their own sub-commands through ``add_cli(subparsers)``; each keeps its
 # top-level imports light (stdlib only) so building the parser stays fast. Missing ones are skipped.
-COMMAND_MODULES: list[str] = ["slimtune.distill", "slimtune.prune", "slimtune.quantize",
+COMMAND_MODULES: list[str] = ["slimtune.distill", "slimtune.augment", "slimtune.prune", "slimtune.quantize",
                               "slimtune.bench", "slimtune.pipeline", "slimtune.serve", "slimtune.compress"]
 
 # flag name -> recipe key path
