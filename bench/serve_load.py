@@ -52,6 +52,8 @@ def start_server(model: str, max_batch: int, args: argparse.Namespace, log: Path
            "--max-queue", str(args.max_queue), "--log-level", "warning"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.device != "cpu":
+        cmd += ["--device", args.device]
     cmd += ["--forward-cost-tokens", str(args.forward_cost_tokens)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLIMTUNE_NO_PROGRESS": "1"}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -152,7 +154,8 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def model_only(model: str, threads: int | None, texts: list[str], bs: int, forward_cost: int) -> dict[str, Any]:
+def model_only(model: str, threads: int | None, texts: list[str], bs: int, forward_cost: int,
+               device: str = "cpu") -> dict[str, Any]:
     """Bare-model ceiling on the load test's own texts: ms per text run one by one vs gathered
     ``bs`` at a time (sorted and split by length as the server does). No HTTP, no queue. The model
     is loaded by the server's own loader, so any backend it serves (torch, ONNX Runtime,
@@ -160,7 +163,7 @@ def model_only(model: str, threads: int | None, texts: list[str], bs: int, forwa
     from slimtune.serve_batching import split_by_length
     from slimtune.serve_models import load_runner, pad_batch
 
-    runner = load_runner(model, threads)
+    runner = load_runner(model, threads, device)
     tok = runner.tokenizer
     encs = [dict(tok(t, truncation=True, max_length=runner.max_length)) for t in texts]
     pad = tok.pad_token_id or 0
@@ -181,7 +184,7 @@ def model_only(model: str, threads: int | None, texts: list[str], bs: int, forwa
             fwd(group[a:b])
             forwards += 1
     many = (time.perf_counter() - t0) * 1000 / len(encs)
-    return {"backend": runner.backend, "texts": len(encs),
+    return {"backend": runner.backend, "device": device, "texts": len(encs),
             "mean_tokens": sum(len(e["input_ids"]) for e in encs) / len(encs),
             "one_by_one_ms_per_text": one, "batched_ms_per_text": many, "batched_forwards": forwards,
             "ceiling": one / many}
@@ -247,6 +250,9 @@ def main() -> None:
     ap.add_argument("--forward-cost-tokens", type=int, default=32, help="server's batch-splitting cost (0: never split)")
     ap.add_argument("--threads", type=int, default=1,
                     help="server intra-op threads (1: the other core is left to the event loop and client)")
+    ap.add_argument("--device", default="cpu", help="where both servers run the model: cpu, cuda or cuda:N "
+                                                    "(on a GPU a forward pass costs far more than a few padded "
+                                                    "tokens: raise --forward-cost-tokens)")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for the measured rounds, all modes")
     ap.add_argument("--skip-model-only", action="store_true")
     ap.add_argument("--output", default="/work/artifacts/serve-load")
@@ -257,7 +263,8 @@ def main() -> None:
 
     bare = None
     if not args.skip_model_only:
-        bare = model_only(args.model, args.threads, read_texts(args.data, 256), args.max_batch_size, args.forward_cost_tokens)
+        bare = model_only(args.model, args.threads, read_texts(args.data, 256), args.max_batch_size,
+                          args.forward_cost_tokens, args.device)
     try:  # the server picks uvloop + httptools up through uvicorn; the client uses uvloop too
         import uvloop
 

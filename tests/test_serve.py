@@ -352,6 +352,40 @@ def test_cli_registers_serve() -> None:
     assert (args.max_batch_size, args.api_key, args.threads, args.max_wait_ms, args.host) == (4, "k", 2, 2.5, "127.0.0.1")
 
 
+def test_device_is_checked_before_any_weight_loads(bert_dir: Path) -> None:
+    import torch
+
+    from slimtune.cli import main
+    from slimtune.serve_models import check_device
+
+    check_device("cpu")
+    with pytest.raises(ValueError, match="--device 'gpu'"):
+        check_device("gpu")
+    assert load_runner(str(bert_dir), device="cpu").device == "cpu"
+    if torch.cuda.is_available():
+        check_device("cuda")
+        with pytest.raises(ValueError, match="CUDA device"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ValueError, match="no CUDA device"):
+            load_runner(str(bert_dir), device="cuda")
+        with pytest.raises(SystemExit, match="slimtune serve: --device cuda: no CUDA device"):
+            main(["serve", "--model", str(bert_dir), "--device", "cuda"])
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runner_matches_cpu(bert_dir: Path, bert_runner: Runner) -> None:
+    gpu = load_runner(str(bert_dir), device="cuda")
+    texts = ["good movie", "awful plot , very bad", "fine"]
+    with TestClient(create_app(gpu)) as c:
+        got = c.post("/v1/classify", json={"texts": texts}).json()["results"]
+        assert c.get("/healthz").json()["device"] == "cuda"
+    with TestClient(create_app(bert_runner)) as c:
+        ref = c.post("/v1/classify", json={"texts": texts}).json()["results"]
+    for a, b in zip(got, ref, strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
+
+
 def test_split_by_length_trades_padding_against_forward_cost() -> None:
     from slimtune.serve_batching import split_by_length
 

@@ -219,7 +219,7 @@ def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str =
     async def healthz() -> Any:
         """200 while the model worker runs; 503 otherwise."""
         info = {"status": "ok" if batcher.alive else "worker_down", "task": runner.task,
-                "backend": runner.backend, "model": model_name, "queue_depth": batcher.depth()}
+                "backend": runner.backend, "device": runner.device, "model": model_name, "queue_depth": batcher.depth()}
         return JSONResponse(info, 200 if batcher.alive else 503)
 
     @app.get("/metrics", dependencies=[Depends(auth)], tags=["ops"], response_class=PlainTextResponse)
@@ -246,12 +246,15 @@ def cmd_serve(args: Any) -> int:
         cfg.validate()
     except ValueError as e:
         raise SystemExit(f"slimtune serve: {e}") from None
-    runner = load_runner(args.model, cfg.threads)
+    try:
+        runner = load_runner(args.model, cfg.threads, cfg.device)
+    except ValueError as e:
+        raise SystemExit(f"slimtune serve: {e}") from None
     warmup(runner)
     app = create_app(runner, cfg, model_name=Path(args.model).name)
     if args.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         logging.getLogger("slimtune").warning("serving on %s without --api-key", args.host)
-    print(f"slimtune serve: {runner.task} ({runner.backend}) from {args.model} on http://{args.host}:{args.port} "
+    print(f"slimtune serve: {runner.task} ({runner.backend}, {runner.device}) from {args.model} on http://{args.host}:{args.port} "
           f"(docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     return 0

@@ -39,6 +39,7 @@ class ServeConfig:
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted (413 above)"})
     request_timeout_s: float = field(default=30.0, metadata={"help": "a request not answered by then gets 503"})
     threads: int | None = field(default=None, metadata={"help": "intra-op threads for torch / ONNX Runtime"})
+    device: str = field(default="cpu", metadata={"help": "where the model runs: cpu, cuda or cuda:N (torch and ONNX folders)"})
     forward_cost_tokens: int = field(default=32, metadata={"help": "fixed cost of one forward pass, in padded tokens; a gathered batch is split by length where that saves more padding than this (0: never split)"})
 
     def validate(self) -> None:

@@ -32,6 +32,7 @@ class Runner:
     logits: Any = None  # Callable[[dict[str, np.ndarray]], np.ndarray]
     generate: Any = None  # Callable[[dict[str, np.ndarray], int, float, float], list[list[int]]]
     eos_ids: tuple[int, ...] = ()
+    device: str = "cpu"  # where the forward passes run ("cpu", "cuda", "cuda:1")
 
 
 def _config(model_dir: Path) -> dict[str, Any]:
@@ -63,14 +64,78 @@ def _max_length(model_dir: Path, cfg: dict[str, Any], tokenizer: Any) -> int:
     return int(min(x for x in limits if isinstance(x, int) and x > 0))
 
 
-def _classifier(model_dir: Path, threads: int | None) -> Any:
+def check_device(device: str) -> None:
+    """Raise ValueError naming ``--device`` unless it is ``cpu`` or a CUDA device this machine has."""
+    import re
+
+    if device == "cpu":
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device on this machine (torch.cuda.is_available() is False)")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _accelerated_classifier(model_dir: Path, device: str) -> Any:
+    """``logits(batch)`` on a CUDA device: transformers folders in torch, ``model.onnx`` in ONNX
+    Runtime's CUDA provider. slimtune's ``quantization.json`` folders use CPU int8 kernels and are
+    refused (serve them on the CPU, or serve the fp32 folder on the GPU)."""
+    import numpy as np
+
+    if (model_dir / "model.onnx").is_file():
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider "
+                             f"({ort.get_available_providers()}); install onnxruntime-gpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        sess = ort.InferenceSession(str(model_dir / "model.onnx"),
+                                    providers=[("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        out_names = [o.name for o in sess.get_outputs()]
+        out_name = "logits" if "logits" in out_names else out_names[0]
+
+        def logits_ort(batch: dict[str, Any]) -> Any:
+            feed = {n: batch.get(n, np.zeros_like(batch["input_ids"])) for n in names}
+            return np.asarray(sess.run([out_name], feed)[0], dtype=np.float32)
+
+        return logits_ort
+    if (model_dir / "quantization.json").is_file():
+        raise ValueError(f"--device {device}: {model_dir} holds slimtune's CPU int8 format; serve it with "
+                         f"--device cpu, or serve the unquantized folder on the GPU")
+    import inspect
+
+    import torch
+
+    from slimtune.models import load_model
+
+    model = load_model(str(model_dir), "classification").eval().to(device)
+    accepted = set(inspect.signature(model.forward).parameters)
+
+    def logits_cuda(batch: dict[str, Any]) -> Any:
+        feed = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items() if k in accepted}
+        with torch.inference_mode():
+            return model(**feed).logits.float().cpu().numpy()
+
+    return logits_cuda
+
+
+def _classifier(model_dir: Path, threads: int | None, device: str = "cpu") -> Any:
     """``logits(batch)`` for a classifier folder.
 
     Prefers ``slimtune.quantize.load_classifier`` (one loader for every slimtune output: ONNX,
     quantized ``quantization.json`` folders, plain HF); falls back to torch / onnxruntime
-    directly when that module is absent.
+    directly when that module is absent. CUDA devices: :func:`_accelerated_classifier`.
     """
     import numpy as np
+
+    if device != "cpu":
+        return _accelerated_classifier(model_dir, device)
 
     try:
         from slimtune.quantize import load_classifier
@@ -119,39 +184,41 @@ def _classifier(model_dir: Path, threads: int | None) -> Any:
     return logits_torch
 
 
-def _torch_generator(model_dir: Path, threads: int | None, pad_id: int) -> Any:
+def _torch_generator(model_dir: Path, threads: int | None, pad_id: int, device: str = "cpu") -> Any:
     import torch
 
     from slimtune.models import load_model
 
     if threads:
         torch.set_num_threads(threads)
-    model = load_model(str(model_dir), "causal-lm").eval()
+    model = load_model(str(model_dir), "causal-lm").eval().to(device)
 
     def generate(batch: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float) -> list[list[int]]:
-        ids = torch.from_numpy(batch["input_ids"])
+        ids = torch.from_numpy(batch["input_ids"]).to(device)
         kw: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.from_numpy(batch["attention_mask"]),
+            out = model.generate(input_ids=ids, attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id, **kw)
         return out[:, ids.shape[1]:].tolist()  # (B, new) new tokens only (prompts are left-padded)
 
     return generate
 
 
-def load_runner(model_dir: str, threads: int | None = None) -> Runner:
+def load_runner(model_dir: str, threads: int | None = None, device: str = "cpu") -> Runner:
     """Load any slimtune output folder behind the Runner interface.
 
     Classifiers: ``model.onnx`` -> ONNX Runtime, ``quantization.json`` -> slimtune's quantized
     torch model, else transformers. Causal LMs (``architectures`` ending in ForCausalLM) run in
-    transformers. Raises FileNotFoundError/ValueError
-    with the folder named when it cannot be served.
+    transformers. ``device`` ``cuda[:N]`` runs torch models and ONNX Runtime (CUDA provider) on
+    that GPU. Raises FileNotFoundError/ValueError with the folder (or ``--device``) named when it
+    cannot be served.
     """
     from slimtune.evaluate import model_task
     from slimtune.models import load_tokenizer
 
+    check_device(device)
     d = Path(model_dir)
     cfg = _config(d)
     task = model_task(str(d))
@@ -167,13 +234,13 @@ def load_runner(model_dir: str, threads: int | None = None) -> Runner:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         n_pos = cfg.get("max_position_embeddings") or 2048
         return Runner("causal-lm", "torch", tok, max_length=int(n_pos),
-                      generate=_torch_generator(d, threads, pad), eos_ids=eos_ids)
+                      generate=_torch_generator(d, threads, pad, device), eos_ids=eos_ids, device=device)
     backend = ("onnxruntime" if (d / "model.onnx").is_file()
                else "torch-quantized" if (d / "quantization.json").is_file() else "torch")
     return Runner("classification", backend, tok, _max_length(d, cfg, tok),
                   label_names=_label_names(cfg),
                   multi_label=cfg.get("problem_type") == "multi_label_classification",
-                  logits=_classifier(d, threads))
+                  logits=_classifier(d, threads, device), device=device)
 
 
 def pad_batch(encs: list[dict[str, list[int]]], pad_id: int, left: bool = False) -> dict[str, Any]:
@@ -204,4 +271,4 @@ def warmup(runner: Runner) -> None:
                                   tok.pad_token_id or 0, left=True), 1, 0.0, 1.0)
 
 
-__all__ = ["Runner", "load_runner", "pad_batch", "warmup"]
+__all__ = ["Runner", "check_device", "load_runner", "pad_batch", "warmup"]
