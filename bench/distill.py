@@ -4,8 +4,10 @@ Sections (run each under the heavy-run lock; finished runs are reused unless --f
 
 - ``sst2``: MiniLM-L6 teacher fine-tuned on SST-2 → 3- and 2-layer students, KD vs CE-only,
   plus intermediate-layer KD on the 3-layer student; accuracy on sst2/test.tsv.
-- ``transfer``: the SST-2 students with a transfer set: ``--sst2-rows`` labelled rows, the rest
-  of train.tsv unlabelled (KD from soft labels only), against CE-only for the same steps.
+- ``transfer``: students with a transfer set (KD from soft labels only on its rows), against
+  CE-only on the labelled rows for the same steps. SST-2: ``--sst2-rows`` labelled rows, the
+  rest of train.tsv unlabelled by default; ``--unlabeled FILE`` (e.g. from ``slimtune augment``)
+  instead; ``--task mrpc`` with ``--unlabeled`` for MRPC.
 - ``mrpc``: the same on MRPC (teacher fine-tuned with ``slimtune finetune``); accuracy on dev.
 - ``causal``: SmolLM2-135M (30 layers) → 10-layer student on Shakespeare, KD vs CE-only;
   perplexity on a held-out work.
@@ -16,6 +18,7 @@ Usage (from the repo root)::
 
     flock /tmp/slimtune-heavy.lock python bench/distill.py sst2
     flock /tmp/slimtune-heavy.lock python bench/distill.py mrpc
+    flock /tmp/slimtune-heavy.lock python bench/distill.py transfer --task mrpc --unlabeled mrpc.aug.tsv
     flock /tmp/slimtune-heavy.lock python bench/distill.py causal
     flock /tmp/slimtune-heavy.lock python bench/distill.py latency
     python bench/distill.py report
@@ -252,7 +255,7 @@ def main() -> None:
     ap.add_argument("section", choices=["sst2", "transfer", "mrpc", "causal", "latency", "report"])
     ap.add_argument("--out", default=str(ART / "distill" / "bench"))
     ap.add_argument("--force", action="store_true", help="redo runs whose metrics.json exists")
-    ap.add_argument("--sst2-rows", type=int, default=8000, help="SST-2 training rows (0: all 60,614)")
+    ap.add_argument("--sst2-rows", type=int, default=8000, help="SST-2 labelled training rows (0: all 60,614)")
     ap.add_argument("--teacher", help="fine-tuned teacher folder (default: the reference minilm-sst2 / minilm-mrpc)")
     ap.add_argument("--sst2-students", default="3,2", help="comma-separated student layer counts for SST-2")
     ap.add_argument("--no-intermediate", action="store_true", help="skip the intermediate-layer KD run")
@@ -283,7 +286,7 @@ def main() -> None:
     elif a.section == "transfer":
         mrpc = a.task == "mrpc"
         transfer_runs(Path(a.teacher or ART / f"minilm-{a.task}"), out_root, a.force,
-                      None if mrpc else (a.sst2_rows or 8000),
+                      None if mrpc or not a.sst2_rows else a.sst2_rows,
                       [int(n) for n in (a.mrpc_students if mrpc else a.sst2_students).split(",")], tuple(a.seeds),
                       task=a.task, unlabeled=[Path(u) for u in a.unlabeled] if a.unlabeled else None,
                       max_length=a.max_length or (128 if mrpc else 64), lr=a.lr,

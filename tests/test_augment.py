@@ -61,6 +61,10 @@ def test_augment_rows_makes_new_distinct_rows_and_swaps_pairs() -> None:
     assert {(b, a) for a, b in zip(texts, pairs, strict=True)} <= set(prow)  # each original swapped once
     no_swap = augment_rows(texts, pairs, nb, AugmentConfig(copies=2, prob=0.5, seed=1, swap_pairs=False))
     assert not {(b, a) for a, b in zip(texts, pairs, strict=True)} & set(no_swap)
+    sources: list[int] = []
+    mapped = augment_rows(["good one", "bad two", "good three"], None, {"good": ["fine"]}, AugmentConfig(prob=1.0),
+                          sources)
+    assert mapped == [("fine one", None), ("fine three", None)] and sources == [0, 2]
     few = augment_rows(texts, None, nb, AugmentConfig(copies=2, min_words=3))
     assert len(few) <= 2 * 2  # "the actor" has 2 replaceable words: skipped
     assert len(augment_rows(texts, None, nb, AugmentConfig(copies=2, max_rows=1))) <= 2
@@ -79,6 +83,13 @@ def test_cli_writes_a_transfer_set_that_distill_reads(tmp_path: Path) -> None:
     assert len(aug.texts) == info["rows_out"] > 30
     assert not set(aug.texts) & {t for t, _ in rows}
     assert info["settings"]["copies"] == 3 and info["rows_in"] == 30
+    # --keep-labels (the no-KD ablation) copies each source row's label, under the input's column name.
+    labelled = tmp_path / "aug" / "labelled.tsv"
+    assert main(["augment", "--model", str(teacher), "--input", str(train), "--output", str(labelled),
+                 "--copies", "3", "--neighbours", "4", "--keep-labels"]) == 0
+    lab = load_classification(labelled)
+    assert lab.texts == aug.texts and lab.labels is not None and set(lab.label_names) <= {"0", "1"}
+    assert labelled.read_text().splitlines()[0] == "sentence\tlabel"
     # The teacher labels it: slimtune distill reads it as a transfer set.
     assert main(["distill", "--teacher", str(teacher), "--train", str(train), "--eval", str(train),
                  "--student-layers", "1", "--epochs", "1", "--batch-size", "8", "--output", str(tmp_path / "s"),

@@ -45,6 +45,8 @@ class AugmentConfig:
     min_words: int = _f(1, "Rows with fewer replaceable words are not augmented.")
     max_rows: int | None = _f(None, "Augment a seeded sample of this many input rows (None: all).")
     seed: int = _f(42, "Seed of the row sample and of every replacement.")
+    keep_labels: bool = _f(False, "Copy each new row's label from its input row (for a no-KD ablation only: "
+                                  "a replacement can change the label, which the teacher would notice).")
 
     def validate(self) -> None:
         """Raise ValueError naming the flag when a setting is out of range."""
@@ -145,11 +147,12 @@ def augment_text(text: str, neighbours: dict[str, list[str]], prob: float, rng: 
 
 
 def augment_rows(texts: list[str], pairs: list[str] | None, neighbours: dict[str, list[str]],
-                 cfg: AugmentConfig) -> list[tuple[str, str | None]]:
+                 cfg: AugmentConfig, sources: list[int] | None = None) -> list[tuple[str, str | None]]:
     """New rows from ``texts`` (and ``pairs``): up to ``cfg.copies`` per row, no duplicates.
 
     Rows equal to an input row are left out (the input is the labelled set; the new rows are the
-    transfer set).
+    transfer set). When ``sources`` is a list, the index of each new row's input row is appended
+    to it (one per returned row).
     """
     rng = random.Random(cfg.seed)
     idx = list(range(len(texts)))
@@ -159,16 +162,18 @@ def augment_rows(texts: list[str], pairs: list[str] | None, neighbours: dict[str
     seen: set[tuple[str, str | None]] = set(original)
     out: list[tuple[str, str | None]] = []
 
-    def emit(row: tuple[str, str | None]) -> None:
+    def emit(row: tuple[str, str | None], src: int) -> None:
         if row not in seen:
             seen.add(row)
             out.append(row)
+            if sources is not None:
+                sources.append(src)
 
     for i in idx:
         a, b = texts[i], pairs[i] if pairs else None
         n_words = sum(w in neighbours for w in _WORD.findall(a + " " + (b or "")))
         if b is not None and cfg.swap_pairs:
-            emit((b, a))
+            emit((b, a), i)
         if n_words < cfg.min_words:
             continue
         for _ in range(cfg.copies):
@@ -176,7 +181,7 @@ def augment_rows(texts: list[str], pairs: list[str] | None, neighbours: dict[str
             nb = augment_text(b, neighbours, cfg.prob, rng) if b is not None else None
             if nb is not None and cfg.swap_pairs and rng.random() < 0.5:
                 na, nb = nb, na
-            emit((na, nb))
+            emit((na, nb), i)
     return out
 
 
@@ -203,16 +208,22 @@ def run_augment(model: str, input_path: str, output: str, cfg: AugmentConfig, *,
     if out.resolve() == Path(input_path).resolve():
         raise ValueError(f"--output {output}: is the input file; write the augmented rows elsewhere")
     data = load_classification(input_path, text_column=text_column, text_pair_column=text_pair_column,
-                               require_labels=False, encoding=encoding or "utf-8")
+                               require_labels=cfg.keep_labels, encoding=encoding or "utf-8")
     tok = load_tokenizer(model)
     from slimtune.evaluate import model_task
 
     emb = load_model(model, model_task(model)).get_input_embeddings().weight
     words = {w for t in data.texts + (data.pairs or []) for w in _WORD.findall(t)}
     nbrs = word_neighbours(emb, tok, words, cfg.neighbours)
-    rows = augment_rows(data.texts, data.pairs, nbrs, cfg)
+    sources: list[int] = []
+    rows = augment_rows(data.texts, data.pairs, nbrs, cfg, sources)
     cols = [data.columns["text"]] + ([data.columns["text_pair"]] if data.pairs is not None else [])
-    lines = ["\t".join(cols)] + ["\t".join(_clean(x) for x in r if x is not None) for r in rows]
+    fields = [[_clean(x) for x in r if x is not None] for r in rows]
+    if cfg.keep_labels:  # the label as the input wrote it (its name, not the class index)
+        cols.append(data.columns["label"])
+        for f, src in zip(fields, sources, strict=True):
+            f.append(data.label_names[data.labels[src]])
+    lines = ["\t".join(cols)] + ["\t".join(f) for f in fields]
     atomic_write_text(out, "\n".join(lines) + "\n")
     info = {"input": str(input_path), "model": str(model), "settings": dataclasses.asdict(cfg),
             "rows_in": len(data.texts), "rows_out": len(rows), "distinct_words": len(words),
