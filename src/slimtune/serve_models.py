@@ -81,11 +81,25 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+def _ort_logits(sess: Any) -> Any:
+    """``logits(batch)`` of an ONNX Runtime session (missing token_type_ids are zeros)."""
+    import numpy as np
+
+    names = [i.name for i in sess.get_inputs()]
+    out_names = [o.name for o in sess.get_outputs()]
+    out_name = "logits" if "logits" in out_names else out_names[0]
+
+    def logits_ort(batch: dict[str, Any]) -> Any:
+        feed = {n: batch.get(n, np.zeros_like(batch["input_ids"])) for n in names}
+        return np.asarray(sess.run([out_name], feed)[0], dtype=np.float32)
+
+    return logits_ort
+
+
 def _accelerated_classifier(model_dir: Path, device: str) -> Any:
     """``logits(batch)`` on a CUDA device: transformers folders in torch, ``model.onnx`` in ONNX
     Runtime's CUDA provider. slimtune's ``quantization.json`` folders use CPU int8 kernels and are
     refused (serve them on the CPU, or serve the fp32 folder on the GPU)."""
-    import numpy as np
 
     if (model_dir / "model.onnx").is_file():
         import onnxruntime as ort
@@ -94,17 +108,9 @@ def _accelerated_classifier(model_dir: Path, device: str) -> Any:
             raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider "
                              f"({ort.get_available_providers()}); install onnxruntime-gpu")
         index = int(device.split(":")[1]) if ":" in device else 0
-        sess = ort.InferenceSession(str(model_dir / "model.onnx"),
-                                    providers=[("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        out_names = [o.name for o in sess.get_outputs()]
-        out_name = "logits" if "logits" in out_names else out_names[0]
-
-        def logits_ort(batch: dict[str, Any]) -> Any:
-            feed = {n: batch.get(n, np.zeros_like(batch["input_ids"])) for n in names}
-            return np.asarray(sess.run([out_name], feed)[0], dtype=np.float32)
-
-        return logits_ort
+        return _ort_logits(ort.InferenceSession(
+            str(model_dir / "model.onnx"),
+            providers=[("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]))
     if (model_dir / "quantization.json").is_file():
         raise ValueError(f"--device {device}: {model_dir} holds slimtune's CPU int8 format; serve it with "
                          f"--device cpu, or serve the unquantized folder on the GPU")
@@ -155,16 +161,8 @@ def _classifier(model_dir: Path, threads: int | None, device: str = "cpu") -> An
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        out_names = [o.name for o in sess.get_outputs()]
-        out_name = "logits" if "logits" in out_names else out_names[0]
-
-        def logits_ort(batch: dict[str, Any]) -> Any:
-            feed = {n: batch.get(n, np.zeros_like(batch["input_ids"])) for n in names}
-            return np.asarray(sess.run([out_name], feed)[0], dtype=np.float32)
-
-        return logits_ort
+        return _ort_logits(ort.InferenceSession(str(model_dir / "model.onnx"), opts,
+                                                providers=["CPUExecutionProvider"]))
     import inspect
 
     import torch
