@@ -125,3 +125,21 @@ def test_cli_bad_input_exits_2_and_keeps_files(tmp_path: Path, capsys) -> None: 
     bad.write_text("sentence\tlabel\nfine\t1\n\t0\n")
     assert main([*base, "--input", str(bad), "--output", str(tmp_path / "o.tsv")]) == 2
     assert "bad.tsv:3" in capsys.readouterr().err
+
+
+def test_bpe_vocabularies_count_only_word_initial_tokens() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slimtune.augment import _word_tokens
+
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    corpus = [" ".join(WORDS)] * 20 + ["the movies were goodish"] * 5
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>")
+    table = _word_tokens(tok)
+    vocab = tok.get_vocab()
+    assert table["movie"] == vocab["Ġmovie"] and table["good"] == vocab["Ġgood"]
+    bare = [t for t in vocab if t.isalpha() and t.isascii() and len(t) > 1 and "Ġ" + t not in vocab]
+    assert bare and not set(bare) & set(table)  # word-internal pieces are never replacement words
