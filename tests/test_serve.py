@@ -324,10 +324,9 @@ def test_onnx_folder_served_like_torch(bert_dir: Path, bert_runner: Runner, tmp_
 
 
 def test_quantized_folder_served(bert_dir: Path, bert_runner: Runner, tmp_path: Path) -> None:
-    quantize = pytest.importorskip("slimtune.quantize")
-    if not hasattr(quantize, "load_classifier"):
-        pytest.skip("slimtune.quantize has no load_classifier yet")
     from transformers import AutoModelForSequenceClassification
+
+    from slimtune import quantize
 
     model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
     cfg = quantize.Int8WeightConfig()

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import random
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,9 +195,11 @@ def run_augment(model: str, input_path: str, output: str, cfg: AugmentConfig, *,
     The file is written atomically, with ``OUTPUT.json`` beside it (settings, model, counts).
 
     Returns:
-        Counts and settings: ``rows_in``, ``rows_augmented``, ``rows_out``, ``words_with_neighbours``.
+        What ``OUTPUT.json`` holds: input, model, settings, ``rows_in``, ``rows_out``,
+        ``distinct_words``, ``words_with_neighbours``, ``columns``.
     """
     from slimtune.data import load_classification
+    from slimtune.evaluate import model_task
     from slimtune.io import atomic_write_json, atomic_write_text
     from slimtune.models import load_model, load_tokenizer
 
@@ -210,8 +210,6 @@ def run_augment(model: str, input_path: str, output: str, cfg: AugmentConfig, *,
     data = load_classification(input_path, text_column=text_column, text_pair_column=text_pair_column,
                                require_labels=cfg.keep_labels, encoding=encoding or "utf-8")
     tok = load_tokenizer(model)
-    from slimtune.evaluate import model_task
-
     emb = load_model(model, model_task(model)).get_input_embeddings().weight
     words = {w for t in data.texts + (data.pairs or []) for w in _WORD.findall(t)}
     nbrs = word_neighbours(emb, tok, words, cfg.neighbours)
@@ -270,8 +268,6 @@ def cmd_augment(args: argparse.Namespace) -> int:
         if type(e) is not ValueError:  # DataError and friends: already user errors
             raise
         raise RecipeError(str(e)) from None
-    print(json.dumps({k: info[k] for k in ("rows_in", "rows_out", "distinct_words", "words_with_neighbours")}),
-          file=sys.stderr)
     print(f"wrote {info['rows_out']:,} rows to {args.output} (from {info['rows_in']:,}; "
           f"{info['words_with_neighbours']:,} of {info['distinct_words']:,} distinct words have neighbours)")
     return 0

@@ -76,30 +76,19 @@ def check_device(device: str) -> None:
 
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device on this machine (torch.cuda.is_available() is False)")
-    index = int(device.split(":")[1]) if ":" in device else 0
-    if index >= torch.cuda.device_count():
+    if _cuda_index(device) >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def _ort_logits(sess: Any) -> Any:
-    """``logits(batch)`` of an ONNX Runtime session (missing token_type_ids are zeros)."""
-    import numpy as np
-
-    names = [i.name for i in sess.get_inputs()]
-    out_names = [o.name for o in sess.get_outputs()]
-    out_name = "logits" if "logits" in out_names else out_names[0]
-
-    def logits_ort(batch: dict[str, Any]) -> Any:
-        feed = {n: batch.get(n, np.zeros_like(batch["input_ids"])) for n in names}
-        return np.asarray(sess.run([out_name], feed)[0], dtype=np.float32)
-
-    return logits_ort
+def _cuda_index(device: str) -> int:
+    return int(device.split(":")[1]) if ":" in device else 0
 
 
 def _accelerated_classifier(model_dir: Path, device: str) -> Any:
     """``logits(batch)`` on a CUDA device: transformers folders in torch, ``model.onnx`` in ONNX
     Runtime's CUDA provider. slimtune's ``quantization.json`` folders use CPU int8 kernels and are
     refused (serve them on the CPU, or serve the fp32 folder on the GPU)."""
+    import numpy as np
 
     if (model_dir / "model.onnx").is_file():
         import onnxruntime as ort
@@ -107,10 +96,17 @@ def _accelerated_classifier(model_dir: Path, device: str) -> Any:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider "
                              f"({ort.get_available_providers()}); install onnxruntime-gpu")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return _ort_logits(ort.InferenceSession(
-            str(model_dir / "model.onnx"),
-            providers=[("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]))
+        sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=[
+            ("CUDAExecutionProvider", {"device_id": _cuda_index(device)}), "CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        out_names = [o.name for o in sess.get_outputs()]
+        out_name = "logits" if "logits" in out_names else out_names[0]
+
+        def logits_ort(batch: dict[str, Any]) -> Any:
+            feed = {n: batch.get(n, np.zeros_like(batch["input_ids"])) for n in names}
+            return np.asarray(sess.run([out_name], feed)[0], dtype=np.float32)
+
+        return logits_ort
     if (model_dir / "quantization.json").is_file():
         raise ValueError(f"--device {device}: {model_dir} holds slimtune's CPU int8 format; serve it with "
                          f"--device cpu, or serve the unquantized folder on the GPU")
@@ -134,52 +130,22 @@ def _accelerated_classifier(model_dir: Path, device: str) -> Any:
 def _classifier(model_dir: Path, threads: int | None, device: str = "cpu") -> Any:
     """``logits(batch)`` for a classifier folder.
 
-    Prefers ``slimtune.quantize.load_classifier`` (one loader for every slimtune output: ONNX,
-    quantized ``quantization.json`` folders, plain HF); falls back to torch / onnxruntime
-    directly when that module is absent. CUDA devices: :func:`_accelerated_classifier`.
+    CPU: ``slimtune.quantize.load_classifier``, the one loader for every slimtune output (ONNX,
+    quantized ``quantization.json`` folders, plain HF). CUDA devices: :func:`_accelerated_classifier`.
     """
-    import numpy as np
-
     if device != "cpu":
         return _accelerated_classifier(model_dir, device)
+    import numpy as np
 
-    try:
-        from slimtune.quantize import load_classifier
-    except ImportError:
-        load_classifier = None
-    if load_classifier is not None:
-        clf = load_classifier(model_dir, threads)  # (input_ids, attention_mask, token_type_ids) -> logits
+    from slimtune.quantize import load_classifier
 
-        def logits_any(batch: dict[str, Any]) -> Any:
-            out = clf(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
-            return out.float().numpy() if hasattr(out, "numpy") else np.asarray(out)
+    clf = load_classifier(model_dir, threads)  # (input_ids, attention_mask, token_type_ids) -> logits
 
-        return logits_any
-    if (model_dir / "model.onnx").is_file():
-        import onnxruntime as ort
+    def logits_any(batch: dict[str, Any]) -> Any:
+        out = clf(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+        return out.float().numpy() if hasattr(out, "numpy") else np.asarray(out)
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        return _ort_logits(ort.InferenceSession(str(model_dir / "model.onnx"), opts,
-                                                providers=["CPUExecutionProvider"]))
-    import inspect
-
-    import torch
-
-    from slimtune.models import load_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = load_model(str(model_dir), "classification").eval()
-    accepted = set(inspect.signature(model.forward).parameters)
-
-    def logits_torch(batch: dict[str, Any]) -> Any:
-        feed = {k: torch.from_numpy(v) for k, v in batch.items() if k in accepted}
-        with torch.inference_mode():
-            return model(**feed).logits.float().numpy()
-
-    return logits_torch
+    return logits_any
 
 
 def _torch_generator(model_dir: Path, threads: int | None, pad_id: int, device: str = "cpu") -> Any:
