@@ -285,6 +285,8 @@ def main() -> None:
                         intermediate_for=None if a.no_intermediate else 3, seeds=tuple(a.seeds))
     elif a.section == "transfer":
         mrpc = a.task == "mrpc"
+        if mrpc and not a.unlabeled:  # its train.tsv holds only labelled rows: nothing would be added
+            raise SystemExit("transfer --task mrpc needs --unlabeled FILE (e.g. from slimtune augment)")
         transfer_runs(Path(a.teacher or ART / f"minilm-{a.task}"), out_root, a.force,
                       None if mrpc or not a.sst2_rows else a.sst2_rows,
                       [int(n) for n in (a.mrpc_students if mrpc else a.sst2_students).split(",")], tuple(a.seeds),
