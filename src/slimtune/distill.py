@@ -68,11 +68,15 @@ class DistillConfig:
             raise RecipeError("distill: say how to build the student (--student-layers N, --student-layer-map 0,2,5 "
                               "or --student DIR)")
         if self.student is not None:
-            from slimtune.models import ALIASES
+            from slimtune.models import ALIASES, ModelError, check_exists
 
             if self.student not in ALIASES and not Path(self.student).is_dir():
                 raise RecipeError(f"distill.student: not a model folder or alias ({', '.join(ALIASES)}): "
                                   f"{self.student}")
+            try:
+                check_exists(self.student)  # an alias whose package is missing says what to install
+            except ModelError as e:
+                raise RecipeError(f"distill.student: {e}") from None
         if self.student_layers is not None and self.student_layers < 1:
             raise RecipeError(f"distill.student_layers: must be >= 1, got {self.student_layers}")
         if self.unlabeled:
