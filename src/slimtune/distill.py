@@ -478,7 +478,7 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
 # --------------------------------------------------------------------------------------------
 
 DISTILL_ONLY_FLAGS: dict[str, tuple[str, type, str]] = {
-    "student": ("distill.student", str, "student model folder (instead of building one)"),
+    "student": ("distill.student", str, "student model folder or alias, e.g. minilm-l3 (instead of building one)"),
     "student_layers": ("distill.student_layers", int, "keep N evenly spaced teacher layers"),
     "student_layer_map": ("distill.student_layer_map", str, "teacher layers to keep, e.g. 0,2,5"),
     "student_hidden_size": ("distill.student_hidden_size", int, "narrower student (fresh init)"),
