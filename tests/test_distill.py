@@ -21,7 +21,14 @@ from slimtune.distill import (
     intermediate_maps,
 )
 from slimtune.distill_cache import teacher_cache
-from slimtune.distill_losses import attention_kl, hidden_mse, kd_loss, soft_kl, uniform_hidden_map
+from slimtune.distill_losses import (
+    attention_kl,
+    hidden_mse,
+    kd_loss,
+    logit_mse,
+    soft_kl,
+    uniform_hidden_map,
+)
 from slimtune.distill_student import build_student, parse_layer_map, uniform_layer_map
 from slimtune.methods import get_method
 from slimtune.models import ModelError
@@ -147,6 +154,22 @@ def test_masked_rows_carry_no_kd_loss() -> None:
     t2[~mask] = 100 * torch.randn_like(t2[~mask])  # garbage at masked rows must not matter
     torch.testing.assert_close(soft_kl(s, t, 2.0, mask), soft_kl(s, t2, 2.0, mask))
     torch.testing.assert_close(soft_kl(s, t, 2.0, mask), soft_kl(s[mask], t[mask], 2.0))
+
+
+def test_logit_mse_matches_torch_and_ignores_masked_rows_and_temperature() -> None:
+    s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    torch.testing.assert_close(logit_mse(s, t), F.mse_loss(s, t))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    t2 = t.clone()
+    t2[~mask] = 100 * torch.randn_like(t2[~mask])
+    torch.testing.assert_close(logit_mse(s, t2, mask), F.mse_loss(s[mask], t[mask]))
+    ce = torch.tensor(0.7)
+    mixed = kd_loss(s, t, ce, alpha=0.25, temperature=4.0, logit_loss="mse")
+    torch.testing.assert_close(mixed, 0.25 * ce + 0.75 * F.mse_loss(s, t))
+    assert torch.equal(mixed, kd_loss(s, t, ce, alpha=0.25, temperature=1.0, logit_loss="mse"))
+    assert not torch.allclose(mixed, kd_loss(s, t, ce, alpha=0.25, temperature=4.0))
+    with pytest.raises(ValueError, match="logit loss"):
+        kd_loss(s, t, ce, alpha=0.25, temperature=1.0, logit_loss="l1")  # type: ignore[arg-type]
 
 
 def test_intermediate_losses_zero_for_identical_models() -> None:
@@ -342,8 +365,9 @@ def test_cli_distill_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     recipe = yaml.safe_load((tmp_path / "s1" / "recipe.yaml").read_text())
     assert recipe["distill"]["alpha"] == 0.2 and recipe["distill"]["temperature"] == 3.0
     # Same teacher + data in another run: the cache is reused; intermediate KD runs live.
-    assert main([*common, "--output", str(tmp_path / "s2")]) == 0
-    assert json.loads((tmp_path / "s2" / "metrics.json").read_text())["teacher_cache"] == "hit"
+    assert main([*common, "--output", str(tmp_path / "s2"), "--logit-loss", "mse"]) == 0
+    m2 = json.loads((tmp_path / "s2" / "metrics.json").read_text())
+    assert m2["teacher_cache"] == "hit" and m2["logit_loss"] == "mse" and m1["logit_loss"] == "kl"
     assert main([*common, "--output", str(tmp_path / "s3"), "--intermediate"]) == 0
     assert BertForSequenceClassification.from_pretrained(tmp_path / "s3").config.num_hidden_layers == 2
     # The saved recipe repeats the run.
@@ -351,6 +375,7 @@ def test_cli_distill_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert json.loads((tmp_path / "s4" / "metrics.json").read_text())["teacher_cache"] == "hit"
     # Bad input: a clear error naming the key, exit code 2.
     assert main([*common, "--output", str(tmp_path / "bad"), "--alpha", "2"]) == 2
+    assert main([*common, "--output", str(tmp_path / "bad"), "--logit-loss", "l1"]) == 2
 
 
 def test_saved_distill_recipe_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

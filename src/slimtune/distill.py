@@ -42,6 +42,7 @@ class DistillConfig:
     alpha: float = _f(0.5, "Weight of the hard-label cross-entropy; 1 - alpha weighs the soft teacher term (alpha=1: no KD).")
     temperature: float = _f(2.0, "Softmax temperature of the soft term (the KL is scaled by T²).")
     kl_direction: Literal["forward", "reverse"] = _f("forward", "forward: KL(teacher ‖ student); reverse: KL(student ‖ teacher), mode-seeking (causal LMs).")
+    logit_loss: Literal["kl", "mse"] = _f("kl", "Soft term on the logits: kl = T²·KL of tempered softmaxes; mse = mean squared error between raw logits (Kim et al. 2021; temperature and kl_direction unused).")
     intermediate: bool = _f(False, "Also match hidden states (MSE) and attention maps (KL) of uniformly mapped layers (TinyBERT/PKD).")
     hidden_weight: float = _f(1.0, "Weight of the hidden-state MSE term (with intermediate).")
     attention_weight: float = _f(1.0, "Weight of the attention-map KL term (with intermediate; forces eager attention).")
@@ -161,7 +162,8 @@ class DistillLoss:
             s_logits, mask = out.logits, None
             if self.causal:  # position t predicts token t+1: drop the last position, mask padding
                 s_logits, t_logits, mask = s_logits[:, :-1], t_logits[:, :-1], causal_kd_mask(batch["labels"])
-            loss = kd_loss(s_logits, t_logits, hard, cfg.alpha, cfg.temperature, mask, cfg.kl_direction)
+            loss = kd_loss(s_logits, t_logits, hard, cfg.alpha, cfg.temperature, mask, cfg.kl_direction,
+                           cfg.logit_loss)
             terms["kd"] = float(loss.detach())
         if self.use_hidden:
             proj = getattr(model, "distill_projection", None)
@@ -412,6 +414,7 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
     result: dict[str, Any] = {"task": m.task, "method": recipe.method_name, "teacher": m.name,
                               "teacher_params": count_params(teacher), "student_layer_map": kept,
                               "alpha": dcfg.alpha, "temperature": dcfg.temperature, "kl_direction": dcfg.kl_direction,
+                              "logit_loss": dcfg.logit_loss,
                               "intermediate": dcfg.intermediate,
                               "teacher_cache": train_cache.status if train_cache else "off"}
     if transfer is not None:
@@ -485,6 +488,7 @@ DISTILL_ONLY_FLAGS: dict[str, tuple[str, type, str]] = {
     "alpha": ("distill.alpha", float, "weight of hard-label CE (1 = no KD)"),
     "temperature": ("distill.temperature", float, "softmax temperature T"),
     "kl_direction": ("distill.kl_direction", str, "forward | reverse"),
+    "logit_loss": ("distill.logit_loss", str, "kl | mse (soft term on the logits)"),
     "hidden_weight": ("distill.hidden_weight", float, "weight of hidden-state MSE"),
     "attention_weight": ("distill.attention_weight", float, "weight of attention-map KL"),
     "teacher_dtype": ("distill.teacher_dtype", str, "float32 | bfloat16"),

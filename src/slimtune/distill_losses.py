@@ -6,7 +6,9 @@ Logit KD (Hinton et al., 2015)::
 
 The T² factor keeps the soft term's gradient scale independent of T (the gradient of the
 tempered KL shrinks as 1/T²). ``direction="reverse"`` uses KL(student ‖ teacher) instead
-(mode-seeking; MiniLLM, Gu et al. 2023), useful for causal LMs.
+(mode-seeking; MiniLLM, Gu et al. 2023), useful for causal LMs. ``logit_loss="mse"`` replaces
+the KL with the mean squared error between raw logits (Kim et al., 2021: the limit of the T²-KL
+as T → ∞, up to a constant; TextBrewer's ``kd_loss_type="mse"``).
 
 Intermediate KD (TinyBERT, Jiao et al. 2020; PKD, Sun et al. 2019): MSE between matched
 hidden states, through a learned linear projection when the widths differ, and KL between
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 Direction = Literal["forward", "reverse"]
+LogitLoss = Literal["kl", "mse"]
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -60,24 +63,53 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * (temperature ** 2)
 
 
+def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error between raw logits, averaged over classes and rows (masked rows excluded).
+
+    Args:
+        student_logits: (..., C) raw logits of the student.
+        teacher_logits: (..., C) raw logits of the teacher.
+        mask: optional boolean (...) tensor; rows where it is False carry no loss.
+
+    Returns:
+        Scalar ``mean_rows mean_classes (s − t)²``.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: the vocabularies/label sets must match")
+    C = student_logits.shape[-1]
+    per_row = ((student_logits.float() - teacher_logits.float()) ** 2).reshape(-1, C).mean(-1)  # (N,)
+    if mask is None:
+        return per_row.mean()
+    m = mask.reshape(-1).to(per_row.dtype)
+    return (per_row * m).sum() / m.sum().clamp_min(1.0)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor | None,
             alpha: float, temperature: float, mask: torch.Tensor | None = None,
-            direction: Direction = "forward") -> torch.Tensor:
-    """``α · hard_loss + (1 − α) · T² · KL``; α = 1 is plain fine-tuning (the teacher is unused).
+            direction: Direction = "forward", logit_loss: LogitLoss = "kl") -> torch.Tensor:
+    """``α · hard_loss + (1 − α) · soft``; α = 1 is plain fine-tuning (the teacher is unused).
 
     Args:
         student_logits, teacher_logits: (..., C) logits over the same classes / vocabulary.
         hard_loss: cross-entropy on the hard labels (the model's own loss); None means α must be 0.
         alpha: weight of the hard-label term in [0, 1].
-        temperature: softmax temperature of the soft term.
+        temperature: softmax temperature of the soft term (KL only).
         mask: rows that count in the soft term (see :func:`soft_kl`).
         direction: KL direction (see :func:`soft_kl`).
+        logit_loss: soft term: "kl" = T² · KL (see :func:`soft_kl`), "mse" = :func:`logit_mse`.
     """
     if alpha >= 1.0:
         if hard_loss is None:
             raise ValueError("alpha = 1 needs the hard-label loss")
         return hard_loss
-    soft = soft_kl(student_logits, teacher_logits, temperature, mask, direction)
+    if logit_loss == "kl":
+        soft = soft_kl(student_logits, teacher_logits, temperature, mask, direction)
+    elif logit_loss == "mse":
+        soft = logit_mse(student_logits, teacher_logits, mask)
+    else:
+        raise ValueError(f"logit loss {logit_loss!r} is not 'kl' or 'mse'")
     if alpha <= 0.0 or hard_loss is None:
         return soft
     return alpha * hard_loss + (1.0 - alpha) * soft
