@@ -189,13 +189,14 @@ def test_intermediate_losses_zero_for_identical_models() -> None:
 # ---------------------------------------------------------------------------- cache
 
 
-def test_cache_hit_miss_and_invalidation(tmp_path: Path) -> None:
+def test_cache_hit_miss_and_invalidation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     teacher = tiny_bert()
     tdir = tmp_path / "teacher"
     teacher.save_pretrained(tdir)
     data, root = cls_data(), tmp_path / "cache"
     c1 = teacher_cache(teacher, str(tdir), data, root)
     assert c1.status == "miss" and c1.shape == (len(data), 2)
+    assert f"running the teacher once on {len(data):,} rows" in capsys.readouterr().err  # a miss says so
     # Rows looked up by example index equal a live teacher forward.
     idx = [3, 0, 7]
     batch = collate(data, idx)
@@ -204,6 +205,7 @@ def test_cache_hit_miss_and_invalidation(tmp_path: Path) -> None:
         live = teacher(**batch).logits
     torch.testing.assert_close(c1.rows(torch.tensor(idx)), live, atol=1e-5, rtol=1e-5)
     assert teacher_cache(teacher, str(tdir), data, root).status == "hit"  # another run / epoch
+    assert "running the teacher" not in capsys.readouterr().err
     # Changed data (one token of one row) -> new key -> miss.
     other = cls_data()
     other.input_ids[5] = other.input_ids[5][:-1] + [4]

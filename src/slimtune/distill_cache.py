@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,9 @@ def teacher_cache(teacher: torch.nn.Module, teacher_dir: str, data: TokenizedDat
         except (OSError, ValueError, json.JSONDecodeError):
             pass  # unreadable or torn entry: recompute it below
     root.mkdir(parents=True, exist_ok=True)
+    # A miss can take minutes (one teacher forward per row): say so before the wait.
+    print(f"[slimtune] teacher logits: running the teacher once on {len(data):,} rows; later runs on the same "
+          f"teacher and data reuse {path}", file=sys.stderr)
     logits = _teacher_logits(teacher, data, batch_size, store_dtype)
     tmp = root / f".{key}.{os.getpid()}.tmp"
     save_file({"logits": logits.contiguous()}, str(tmp))
