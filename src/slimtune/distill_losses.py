@@ -43,9 +43,7 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     Returns:
         Scalar ``T² · mean_rows KL``.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ: the vocabularies/label sets must match")
+    _check_same_shape(student_logits, teacher_logits)
     C = student_logits.shape[-1]
     s = F.log_softmax(student_logits.float().reshape(-1, C) / temperature, dim=-1)  # (N, C)
     t = F.log_softmax(teacher_logits.float().reshape(-1, C) / temperature, dim=-1)  # (N, C)
@@ -55,12 +53,21 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         per_row = (s.exp() * (s - t)).sum(-1)  # KL(p_s ‖ p_t), (N,)
     else:
         raise ValueError(f"KL direction {direction!r} is not 'forward' or 'reverse'")
-    if mask is not None:
-        m = mask.reshape(-1).to(per_row.dtype)
-        kl = (per_row * m).sum() / m.sum().clamp_min(1.0)
-    else:
-        kl = per_row.mean()
-    return kl * (temperature ** 2)
+    return _row_mean(per_row, mask) * (temperature ** 2)
+
+
+def _check_same_shape(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: the vocabularies/label sets must match")
+
+
+def _row_mean(per_row: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (N,) per-row losses over the rows ``mask`` (any shape with N elements) keeps."""
+    if mask is None:
+        return per_row.mean()
+    m = mask.reshape(-1).to(per_row.dtype)
+    return (per_row * m).sum() / m.sum().clamp_min(1.0)
 
 
 def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -75,15 +82,10 @@ def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Returns:
         Scalar ``mean_rows mean_classes (s − t)²``.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ: the vocabularies/label sets must match")
+    _check_same_shape(student_logits, teacher_logits)
     C = student_logits.shape[-1]
     per_row = ((student_logits.float() - teacher_logits.float()) ** 2).reshape(-1, C).mean(-1)  # (N,)
-    if mask is None:
-        return per_row.mean()
-    m = mask.reshape(-1).to(per_row.dtype)
-    return (per_row * m).sum() / m.sum().clamp_min(1.0)
+    return _row_mean(per_row, mask)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard_loss: torch.Tensor | None,

