@@ -42,8 +42,8 @@ ART = Path("/work/artifacts")
 
 def run(name: str, out_root: Path, tree: dict[str, Any], distill: dict[str, Any], force: bool) -> dict[str, Any]:
     """One distillation run (skipped when its metrics.json exists)."""
-    from slimtune.config import build_section, resolve
-    from slimtune.distill import DistillConfig, run_distill
+    from slimtune.compress.distill.recipe import DistillConfig, run_distill
+    from slimtune.config.recipe import build_section, resolve
 
     out = out_root / name
     if (out / "metrics.json").is_file() and not force:
@@ -116,10 +116,10 @@ def causal_runs(out_root: Path, force: bool, steps: int, layers: int, block: int
 
 
 def latency(out_root: Path, teacher: Path) -> None:
-    """Teacher vs students, bs 1, seq 128, 1 thread, interleaved (slimtune.bench)."""
+    """Teacher vs students, bs 1, seq 128, 1 thread, interleaved (slimtune.benchmark.latency)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from slimtune.bench import (
+    from slimtune.benchmark.latency import (
         hardware_fingerprint,
         measure_latency,
         sample_inputs,

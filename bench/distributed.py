@@ -30,7 +30,7 @@ DATA = ROOT.parent / "shared" / "data" / "sst2"
 
 def run(a: dict, out: Path, nproc: int, threads: int, extra: list[str]) -> dict:
     """One ``slimtune finetune`` run; its metrics, wall time and the command."""
-    cmd = [sys.executable, "-m", "slimtune.cli", "finetune", "--model", "minilm", "--train", str(DATA / "train.tsv"),
+    cmd = [sys.executable, "-m", "slimtune.cli.main", "finetune", "--model", "minilm", "--train", str(DATA / "train.tsv"),
            "--eval", str(DATA / "test.tsv"), "--output", str(out), "--max-train-samples", str(a["rows"]),
            "--epochs", str(a["epochs"]), "--batch-size", str(a["batch_size"]), "--lr", str(a["lr"]),
            "--max-length", str(a["max_length"]), "--seed", str(a["seed"]),

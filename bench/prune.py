@@ -1,9 +1,9 @@
 """Pruning benchmark: params, size on disk, CPU latency and accuracy of pruned models vs the unpruned one.
 
-Each variant is produced by ``slimtune.prune.run_prune`` (recovery fine-tuning on SST-2 train rows
+Each variant is produced by ``slimtune.compress.prune.recipe.run_prune`` (recovery fine-tuning on SST-2 train rows
 with KD from the unpruned model), then every output folder is reloaded with plain transformers
 and timed side by side with the unpruned model in ONE interleaved run
-(``slimtune.bench.measure_latency``, bs 1, seq 128, 1 thread). Accuracy is on the test file.
+(``slimtune.benchmark.latency.measure_latency``, bs 1, seq 128, 1 thread). Accuracy is on the test file.
 
 Run under the shared CPU lock (it trains and times real models):
 
@@ -40,7 +40,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def build(args: argparse.Namespace, name: str, kw: dict) -> Path:
-    from slimtune.prune import PruneSettings, run_prune
+    from slimtune.compress.prune.recipe import PruneSettings, run_prune
 
     out = Path(args.out) / name
     if args.reuse and (out / "metrics.json").is_file():
@@ -65,17 +65,17 @@ def build(args: argparse.Namespace, name: str, kw: dict) -> Path:
 def measure(args: argparse.Namespace, dirs: dict[str, Path]) -> dict[str, dict]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from slimtune.bench import (
+    from slimtune.benchmark.latency import (
         hardware_fingerprint,
         measure_latency,
         sample_inputs,
         set_threads,
         torch_runner,
     )
-    from slimtune.data import load_classification, tokenize_classification
-    from slimtune.evaluate import evaluate_classifier
+    from slimtune.data.datasets import load_classification, tokenize_classification
+    from slimtune.evaluate.evaluator import evaluate_classifier
     from slimtune.io import weights_size_mb
-    from slimtune.models import count_params, label_names_of
+    from slimtune.models.loading import count_params, label_names_of
 
     set_threads(1)
     rows: dict[str, dict] = {}

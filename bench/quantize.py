@@ -2,7 +2,7 @@
 
 For each variant: size on disk, accuracy and logits SQNR vs fp32 on the eval file, and CPU
 latency p50 at (bs 1, seq 128) and (bs 8, seq 128), all variants timed interleaved in one
-run per shape (slimtune.bench.measure_latency), 1 thread by default. Baselines from the
+run per shape (slimtune.benchmark.latency.measure_latency), 1 thread by default. Baselines from the
 project brief are in the same run: torch ``quantize_dynamic`` (per-tensor, fp32 embeddings)
 and plain ONNX Runtime int8 (no fusion, per-tensor).
 
@@ -48,16 +48,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from slimtune.bench import hardware_fingerprint, measure_latency, sample_inputs, set_threads
-    from slimtune.data import TokenizedData
+    from slimtune.benchmark.latency import (
+        hardware_fingerprint,
+        measure_latency,
+        sample_inputs,
+        set_threads,
+    )
+    from slimtune.compress.quant import backends as B
+    from slimtune.compress.quant.api import (
+        Int4WeightConfig,
+        KMeansConfig,
+        NF4Config,
+        dequantize_,
+        quantize_,
+    )
+    from slimtune.compress.quant.linear import sqnr_db
+    from slimtune.compress.quant.onnx import write_onnx_folder
+    from slimtune.compress.quant.recipe import _eval_setup
+    from slimtune.compress.quant.storage import load_quantized, save_quantized
+    from slimtune.data.datasets import TokenizedData
     from slimtune.io import atomic_write_json, weights_size_mb
-    from slimtune.models import label_names_of, load_model, load_tokenizer
-    from slimtune.quant import backends as B
-    from slimtune.quant.api import Int4WeightConfig, KMeansConfig, NF4Config, dequantize_, quantize_
-    from slimtune.quant.linear import sqnr_db
-    from slimtune.quant.onnx import write_onnx_folder
-    from slimtune.quant.storage import load_quantized, save_quantized
-    from slimtune.quantize import _eval_setup
+    from slimtune.models.loading import label_names_of, load_model, load_tokenizer
 
     set_threads(args.threads)
     out = Path(args.out)

@@ -4,7 +4,7 @@ Starts two servers on free loopback ports from the same model folder, one with d
 (``--max-batch-size 32``) and one with ``--max-batch-size 1``, then sends single-text requests
 (real SST-2 test sentences) at a fixed concurrency with httpx. Rounds alternate between the two
 servers (rotating who goes first), so CPU drift hits both alike. Bounded by request count and by
-a wall-clock limit. Also times the bare model (slimtune.bench.measure_latency) at batch 1 vs
+a wall-clock limit. Also times the bare model (slimtune.benchmark.latency.measure_latency) at batch 1 vs
 batch 32 per row, the ceiling that batching can reach.
 
     flock /tmp/slimtune-heavy.lock python bench/serve_load.py --model /work/artifacts/minilm-sst2
@@ -47,7 +47,7 @@ def read_texts(path: str, n: int) -> list[str]:
 
 def start_server(model: str, max_batch: int, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "slimtune.cli", "serve", "--model", model, "--host", HOST, "--port", str(port),
+    cmd = [sys.executable, "-m", "slimtune.cli.main", "serve", "--model", model, "--host", HOST, "--port", str(port),
            "--max-batch-size", str(max_batch), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue", str(args.max_queue), "--log-level", "warning"]
     if args.threads:
@@ -160,8 +160,8 @@ def model_only(model: str, threads: int | None, texts: list[str], bs: int, forwa
     ``bs`` at a time (sorted and split by length as the server does). No HTTP, no queue. The model
     is loaded by the server's own loader, so any backend it serves (torch, ONNX Runtime,
     quantized) is measured the way it is served."""
-    from slimtune.serve_batching import split_by_length
-    from slimtune.serve_models import load_runner, pad_batch
+    from slimtune.serve.batching import split_by_length
+    from slimtune.serve.models import load_runner, pad_batch
 
     runner = load_runner(model, threads, device)
     tok = runner.tokenizer
@@ -259,7 +259,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from slimtune.bench import hardware_fingerprint
+    from slimtune.benchmark.latency import hardware_fingerprint
 
     bare = None
     if not args.skip_model_only:

@@ -38,11 +38,11 @@ def main() -> None:
 
     import torch
 
-    from slimtune.data import load_classification, tokenize_classification
-    from slimtune.finetune import evaluate_any
+    from slimtune.data.datasets import load_classification, tokenize_classification
     from slimtune.methods import MethodContext, get_method
     from slimtune.methods.sharing import SharingMethodConfig
-    from slimtune.models import load_model, load_tokenizer
+    from slimtune.models.loading import load_model, load_tokenizer
+    from slimtune.train.finetune import evaluate_any
 
     torch.set_num_threads(2)
     data = load_classification(a.eval)

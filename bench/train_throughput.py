@@ -27,10 +27,10 @@ DATA = ROOT.parent / "shared" / "data" / "sst2"
 HF_SCRIPT = r"""
 import json, sys, time, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
-from slimtune.data import load_classification
-from slimtune.models import resolve
-from slimtune.evaluate import evaluate_classifier
-from slimtune.data import tokenize_classification
+from slimtune.data.datasets import load_classification
+from slimtune.models.loading import resolve
+from slimtune.evaluate.evaluator import evaluate_classifier
+from slimtune.data.datasets import tokenize_classification
 a = json.loads(sys.argv[1])
 torch.manual_seed(a["seed"])
 path = resolve("minilm")
@@ -65,7 +65,7 @@ def run_hf(a: dict) -> dict:
 
 def run_slimtune(a: dict) -> dict:
     out = Path(a["out"])
-    cmd = [sys.executable, "-m", "slimtune.cli", "finetune", "--model", "minilm", "--train", a["train"],
+    cmd = [sys.executable, "-m", "slimtune.cli.main", "finetune", "--model", "minilm", "--train", a["train"],
            "--eval", a["eval"], "--output", str(out), "--max-train-samples", str(a["rows"]),
            "--epochs", str(a["epochs"]), "--batch-size", str(a["bs"]), "--lr", str(a["lr"]),
            "--max-length", str(a["max_length"]), "--seed", str(a["seed"]), "--precision", a.get("precision", "fp32"),

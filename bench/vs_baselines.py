@@ -8,10 +8,10 @@ Rows (all on the same fine-tuned classifier, the *teacher*):
 - ``ONNX Runtime int8``: plain ONNX export + ``onnxruntime.quantization.quantize_dynamic``
   (its defaults: per-tensor, MatMul and Gather, so embeddings too; no graph fusion);
 - one row per ``--model`` folder given (e.g. ``slimtune compress``'s ``OUT/best``), run through
-  the runtime it ships for (:func:`slimtune.bench.load_predict`).
+  the runtime it ships for (:func:`slimtune.benchmark.latency.load_predict`).
 
 Latency: bs 1, seq 128 (padded), 1 thread by default, all rows interleaved round by round
-(:func:`slimtune.bench.measure_latency`), each model fed the same sentence tokenized by its own
+(:func:`slimtune.benchmark.latency.measure_latency`), each model fed the same sentence tokenized by its own
 tokenizer (a vocabulary-pruned model has its own ids). Accuracy: ``--eval`` (default
 ``sst2/test.tsv``), each model with its own tokenizer. Ratios are against ``fp32 (torch)``.
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from slimtune.bench import (
+    from slimtune.benchmark.latency import (
         evaluate_model_dir,
         hardware_fingerprint,
         load_predict,
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         sample_inputs,
         set_threads,
     )
+    from slimtune.compress.quant import backends as B
     from slimtune.io import weights_size_mb
-    from slimtune.models import load_model
-    from slimtune.quant import backends as B
+    from slimtune.models.loading import load_model
 
     set_threads(args.threads)
     teacher = Path(args.teacher)

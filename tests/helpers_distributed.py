@@ -37,10 +37,10 @@ def make_assets(root: Path) -> tuple[Path, Path, Path]:
 
 
 def _setup(root: Path, method_name: str = "full", **train: Any) -> tuple[Any, Any, Any, Any, Any]:
-    from slimtune.config import TrainConfig
-    from slimtune.data import load_classification, tokenize_classification
+    from slimtune.config.recipe import TrainConfig
+    from slimtune.data.datasets import load_classification, tokenize_classification
     from slimtune.methods import MethodContext, get_method
-    from slimtune.models import load_model, load_tokenizer
+    from slimtune.models.loading import load_model, load_tokenizer
 
     model_dir = root / "bert"
     tok = load_tokenizer(str(model_dir))
@@ -61,9 +61,9 @@ def run(root: Path, name: str, out: Path) -> dict[str, Any]:
     Returns the training summary; rank 0 also writes ``out/weights.safetensors`` (the trainable
     weights) and ``out/summary.json``.
     """
-    from slimtune.distributed import is_main
     from slimtune.methods import MethodContext, trainable_state
-    from slimtune.train import train
+    from slimtune.train.distributed import is_main
+    from slimtune.train.loop import train
 
     method_name = "lora" if name.startswith("lora") else "full"
     train_cfg: dict[str, Any] = {}
@@ -75,9 +75,9 @@ def run(root: Path, name: str, out: Path) -> dict[str, Any]:
         total = HALF if name.endswith("phase1") else STEPS
     model, method, mcfg, data, cfg = _setup(root, method_name, **train_cfg)
     if name == "distill":  # student = 1 layer of the teacher, live teacher (no cache)
-        from slimtune.distill import DistillConfig, DistillLoss
-        from slimtune.distill_student import build_student
-        from slimtune.models import load_model
+        from slimtune.compress.distill.recipe import DistillConfig, DistillLoss
+        from slimtune.compress.distill.student import build_student
+        from slimtune.models.loading import load_model
 
         teacher = load_model(str(root / "bert"), "classification", label_names=["0", "1"]).eval()
         teacher.requires_grad_(False)
@@ -101,7 +101,7 @@ WORKER_SCENARIOS = ("lora", "lora_fsdp", "fsdp", "fsdp_phase1", "ddp_phase2", "d
 
 def worker_main(root: Path) -> None:
     """Entry point under torchrun: every scenario, then leave the process group."""
-    from slimtune.distributed import teardown
+    from slimtune.train.distributed import teardown
 
     try:
         for name in WORKER_SCENARIOS:

@@ -10,9 +10,9 @@ import torch
 from tiny import WORDS, make_tiny_bert, sentiment_rows, write_tsv, write_vocab
 from transformers import BertTokenizerFast
 
-from slimtune.augment import AugmentConfig, augment_rows, augment_text, word_neighbours
-from slimtune.cli import main
-from slimtune.data import load_classification
+from slimtune.cli.main import main
+from slimtune.data.augment import AugmentConfig, augment_rows, augment_text, word_neighbours
+from slimtune.data.datasets import load_classification
 
 
 def _tokenizer(tmp_path: Path) -> BertTokenizerFast:
@@ -131,7 +131,7 @@ def test_bpe_vocabularies_count_only_word_initial_tokens() -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from slimtune.augment import _word_tokens
+    from slimtune.data.augment import _word_tokens
 
     tk = Tokenizer(models.BPE(unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)

@@ -11,8 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_bert, sentiment_rows, write_tsv  # noqa: E402
 
-from slimtune.compress import CompressSettings, predict_size_mb, run_compress  # noqa: E402
-from slimtune.config import RecipeError  # noqa: E402
+from slimtune.config.recipe import RecipeError  # noqa: E402
+from slimtune.pipeline.search import CompressSettings, predict_size_mb, run_compress  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_validation_names_the_flag(setup: dict[str, Path]) -> None:
 
 
 def test_compress_contract_then_honest_miss(setup: dict[str, Path]) -> None:
-    from slimtune.cli import main
+    from slimtune.cli.main import main
 
     s = _settings(setup, "out")
     summary = run_compress(s, log=lambda m: None)
@@ -88,7 +88,7 @@ def test_compress_contract_then_honest_miss(setup: dict[str, Path]) -> None:
     assert main(["evaluate", "--model", str(out / "best"), "--eval", str(setup["test"]),
                  "--output", str(out / "ev.json"), "--max-length", "32"]) == 0
     assert json.loads((out / "ev.json").read_text())["accuracy"] == pytest.approx(best["test_accuracy"])
-    from slimtune.quantize import load_classifier
+    from slimtune.compress.quant.recipe import load_classifier
 
     assert load_classifier(out / "best")([[2, 5, 6, 3]]).shape == (1, 2)
 
@@ -109,8 +109,8 @@ def test_compress_contract_then_honest_miss(setup: dict[str, Path]) -> None:
 
 
 def test_bench_cli_hf_and_onnx(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from slimtune.cli import main
-    from slimtune.quantize import run_quantize
+    from slimtune.cli.main import main
+    from slimtune.compress.quant.recipe import run_quantize
 
     onnx_dir = tmp_path / "int8"
     run_quantize(str(setup["teacher"]), "int8", str(onnx_dir), backend="onnxruntime", seq_len=16, repeats=2,

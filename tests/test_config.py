@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from slimtune.config import RecipeError, field_help, load_yaml, parse_override, resolve
+from slimtune.config.recipe import RecipeError, field_help, load_yaml, parse_override, resolve
 
 
 def test_defaults_resolve_to_full_method():
@@ -92,15 +92,15 @@ def test_validate_cli(tmp_path):
     good.write_text(yaml.safe_dump({"model": {"name": "minilm"}, "train": {"lr": 1e-4}}))
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"train": {"learning_rate": 1e-4}}))
-    ok = subprocess.run([sys.executable, "-m", "slimtune.cli", "validate", str(good)], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "slimtune.cli.main", "validate", str(good)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "OK" in ok.stdout
-    err = subprocess.run([sys.executable, "-m", "slimtune.cli", "validate", str(bad)], capture_output=True, text=True)
+    err = subprocess.run([sys.executable, "-m", "slimtune.cli.main", "validate", str(bad)], capture_output=True, text=True)
     assert err.returncode == 2
     assert "unknown key 'train.learning_rate'" in err.stderr
 
 
 def test_import_is_lean():
-    code = "import sys, slimtune, slimtune.config; print(sorted(m for m in ('torch','transformers','peft') if m in sys.modules))"
+    code = "import sys, slimtune, slimtune.config.recipe; print(sorted(m for m in ('torch','transformers','peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

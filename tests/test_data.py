@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from slimtune.data import DataError, TokenizedData, collate, epoch_batches, load_classification
+from slimtune.data.datasets import (
+    DataError,
+    TokenizedData,
+    collate,
+    epoch_batches,
+    load_classification,
+)
 
 
 def test_tsv_sst2_style(tmp_path):

@@ -11,17 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from slimtune.config import RecipeError, TrainConfig
-from slimtune.data import TokenizedData, collate
-from slimtune.distill import (
-    DistillConfig,
-    DistillLoss,
-    attach_projection,
-    detach_projection,
-    intermediate_maps,
-)
-from slimtune.distill_cache import teacher_cache
-from slimtune.distill_losses import (
+from slimtune.compress.distill.cache import teacher_cache
+from slimtune.compress.distill.losses import (
     attention_kl,
     hidden_mse,
     kd_loss,
@@ -29,10 +20,19 @@ from slimtune.distill_losses import (
     soft_kl,
     uniform_hidden_map,
 )
-from slimtune.distill_student import build_student, parse_layer_map, uniform_layer_map
+from slimtune.compress.distill.recipe import (
+    DistillConfig,
+    DistillLoss,
+    attach_projection,
+    detach_projection,
+    intermediate_maps,
+)
+from slimtune.compress.distill.student import build_student, parse_layer_map, uniform_layer_map
+from slimtune.config.recipe import RecipeError, TrainConfig
+from slimtune.data.datasets import TokenizedData, collate
 from slimtune.methods import get_method
-from slimtune.models import ModelError
-from slimtune.train import train
+from slimtune.models.loading import ModelError
+from slimtune.train.loop import train
 
 
 def tiny_bert(layers: int = 4, hidden: int = 32, vocab: int = 100, seed: int = 0) -> BertForSequenceClassification:
@@ -336,8 +336,8 @@ def test_distill_student_alias_without_its_package(monkeypatch: pytest.MonkeyPat
 
 
 def test_cli_distill_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from slimtune.cli import main
-    from slimtune.models import load_tokenizer
+    from slimtune.cli.main import main
+    from slimtune.models.loading import load_tokenizer
 
     monkeypatch.setenv("SLIMTUNE_NO_PROGRESS", "1")
     tok = load_tokenizer("minilm")
@@ -384,9 +384,9 @@ def test_saved_distill_recipe_round_trips(tmp_path: Path, capsys: pytest.Capture
     """OUT/recipe.yaml of slimtune distill: validate accepts it, distill --config reads the same settings."""
     from tiny import make_tiny_bert, sentiment_rows, write_tsv
 
-    from slimtune.cli import build_parser, main
-    from slimtune.config import load_yaml, resolve
-    from slimtune.distill import distill_recipe_from_args
+    from slimtune.cli.main import build_parser, main
+    from slimtune.compress.distill.recipe import distill_recipe_from_args
+    from slimtune.config.recipe import load_yaml, resolve
 
     teacher = make_tiny_bert(tmp_path / "teacher", layers=3)
     train_tsv = write_tsv(tmp_path / "train.tsv", sentiment_rows(24))
@@ -421,7 +421,7 @@ def test_saved_distill_recipe_round_trips(tmp_path: Path, capsys: pytest.Capture
 @pytest.mark.slow
 def test_real_minilm_student_from_packaged_encoder() -> None:
     """MiniLM-L6 (packaged): 6 kept layers reproduce it; 3 kept layers carry layers 0, 2, 5."""
-    from slimtune.models import load_model, load_tokenizer
+    from slimtune.models.loading import load_model, load_tokenizer
 
     teacher = load_model("minilm", "classification", label_names=["0", "1"]).eval()
     tok = load_tokenizer("minilm")
@@ -438,7 +438,7 @@ def test_real_minilm_student_from_packaged_encoder() -> None:
 
 
 def test_masked_ce_averages_over_labelled_rows_only() -> None:
-    from slimtune.distill import masked_ce
+    from slimtune.compress.distill.recipe import masked_ce
 
     logits = torch.randn(5, 3, requires_grad=True)
     labels = torch.tensor([2, -100, 0, -100, 1])
@@ -467,7 +467,7 @@ def test_unlabelled_rows_learn_from_the_teacher_only() -> None:
 def test_cli_transfer_set_adds_unlabelled_rows_and_drops_duplicates(tmp_path: Path) -> None:
     from tiny import make_tiny_bert, sentiment_rows, write_tsv
 
-    from slimtune.cli import main
+    from slimtune.cli.main import main
 
     teacher_dir = make_tiny_bert(tmp_path / "teacher")
     rows = sentiment_rows(40)
@@ -495,10 +495,10 @@ def test_transfer_set_extends_teacher_and_student_data_alike(tmp_path: Path) -> 
     """Two tokenizations (teacher's, student's) get the same kept rows, in the same order, label -100."""
     from tiny import make_tiny_bert, sentiment_rows, write_tsv
 
-    from slimtune.config import resolve
-    from slimtune.data import DataError, load_classification, tokenize_classification
-    from slimtune.distill import add_transfer_set
-    from slimtune.models import load_tokenizer
+    from slimtune.compress.distill.recipe import add_transfer_set
+    from slimtune.config.recipe import resolve
+    from slimtune.data.datasets import DataError, load_classification, tokenize_classification
+    from slimtune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(make_tiny_bert(tmp_path / "m")))
     rows = sentiment_rows(12)

@@ -23,7 +23,7 @@ from helpers_distributed import HALF, STEPS, make_assets, run
 from safetensors.torch import load_file
 from tiny import make_tiny_bert
 
-from slimtune.distributed import local_slice, strip_nproc
+from slimtune.train.distributed import local_slice, strip_nproc
 
 TESTS = Path(__file__).parent
 # OMP_NUM_THREADS=1: 2 ranks x 1 thread on 2 cores (what torchrun would choose anyway).
@@ -67,13 +67,13 @@ def worker(assets):
 
 def test_cli_two_processes_equal_one(assets, tmp_path):
     """Same global batch and seed: final weights equal, one log, one export (rank 0)."""
-    from slimtune.cli import main
+    from slimtune.cli.main import main
 
     args = ["finetune", "--model", str(assets / "bert"), "--train", str(assets / "train.tsv"),
             "--eval", str(assets / "eval.tsv"), "--max-steps", str(STEPS), "--batch-size", "7",
             "--grad-accum", "2", "--lr", "1e-3", "train.metric=loss", "train.eval_every=4",
             "train.tensorboard=false", "train.log_every=1"]
-    two = subprocess.run([sys.executable, "-m", "slimtune.cli", *args, "--output", str(tmp_path / "two"), "--nproc", "2"],
+    two = subprocess.run([sys.executable, "-m", "slimtune.cli.main", *args, "--output", str(tmp_path / "two"), "--nproc", "2"],
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-4000:]
     assert main([*args, "--output", str(tmp_path / "one")]) == 0
@@ -164,7 +164,7 @@ def test_kill_9_of_a_distributed_job_then_resume_is_bit_identical(assets, tmp_pa
     the last checkpoint and ends with exactly the weights of an unbroken 2-rank run. Dropout is
     on: each rank's RNG stream comes back from the checkpoint too."""
     model = make_tiny_bert(tmp_path / "bert_dropout")
-    args = [sys.executable, "-m", "slimtune.cli", "finetune", "--nproc", "2", "--model", str(model),
+    args = [sys.executable, "-m", "slimtune.cli.main", "finetune", "--nproc", "2", "--model", str(model),
             "--train", str(assets / "train.tsv"), "--max-steps", "300", "--batch-size", "7", "--lr", "5e-4",
             "train.save_every=20", "train.tensorboard=false"]
     ref = subprocess.run([*args, "--output", str(tmp_path / "ref")], env=ENV, capture_output=True, text=True, timeout=600)

@@ -15,7 +15,7 @@ import torch
 import yaml
 from tiny import make_tiny_bert, make_tiny_llama, sentiment_rows, write_corpus, write_tsv
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SLIMTUNE_NO_PROGRESS": "1"}
 
@@ -69,7 +69,7 @@ def test_finetune_learns_and_exports_plain_model(files, tmp_path, method):
     texts = ["the movie was good", "bad boring plot , awful"]
     plain = _plain_logits(out, texts)
     assert plain["labels"] == {"0": "0", "1": "1"}
-    from slimtune.models import load_model, load_tokenizer
+    from slimtune.models.loading import load_model, load_tokenizer
     tok, model = load_tokenizer(str(out)), load_model(str(out), "classification").eval()
     with torch.no_grad():
         ours = model(**tok(texts, padding=True, return_tensors="pt")).logits
@@ -108,7 +108,7 @@ def test_evaluate_cli_writes_metrics(files, tmp_path, capsys):
 def test_cli_reports_bad_input_without_traceback(files, tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\ngood\t1\nbad\t0\textra\n")
-    r = subprocess.run([sys.executable, "-m", "slimtune.cli", "finetune", "--model", str(files["bert"]),
+    r = subprocess.run([sys.executable, "-m", "slimtune.cli.main", "finetune", "--model", str(files["bert"]),
                         "--train", str(bad), "--output", str(tmp_path / "o")], env=ENV, capture_output=True, text=True)
     assert r.returncode == 2
     assert "bad.tsv:3: row has 3 fields" in r.stderr and "Traceback" not in r.stderr

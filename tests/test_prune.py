@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers_prune import make_classifier_dir, make_tsv
 
+from slimtune.compress.prune.recipe import PruneSettings, prune_to_dir
 from slimtune.methods import MethodContext, get_method
 from slimtune.methods.magnitude import (
     MagnitudeConfig,
@@ -23,7 +24,6 @@ from slimtune.methods.magnitude import (
     prunable_weights,
     save_sparse_sidecar,
 )
-from slimtune.prune import PruneSettings, prune_to_dir
 
 TEXTS = ["the movie was not good", "boring acting and dull stories", "a charming film !", "great great great"]
 
@@ -94,10 +94,10 @@ def test_sparse_sidecar_roundtrip_and_auto(tmp_path: Path) -> None:
 
 
 def test_masks_stay_applied_during_training(assets: dict[str, Path], tmp_path: Path) -> None:
-    from slimtune.config import TrainConfig
-    from slimtune.data import load_classification, tokenize_classification
-    from slimtune.models import load_model, load_tokenizer
-    from slimtune.train import train
+    from slimtune.config.recipe import TrainConfig
+    from slimtune.data.datasets import load_classification, tokenize_classification
+    from slimtune.models.loading import load_model, load_tokenizer
+    from slimtune.train.loop import train
 
     tok = load_tokenizer(str(assets["model"]))
     model = load_model(str(assets["model"]), "classification")
@@ -142,8 +142,8 @@ def test_masks_stay_applied_during_training(assets: dict[str, Path], tmp_path: P
 def test_vocab_pruning_tokenizes_corpus_identically(assets: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from slimtune.models import load_model, load_tokenizer
-    from slimtune.prune_vocab import prune_vocabulary, read_corpus_texts
+    from slimtune.compress.prune.vocab import prune_vocabulary, read_corpus_texts
+    from slimtune.models.loading import load_model, load_tokenizer
 
     tok = load_tokenizer(str(assets["model"]))
     model = load_model(str(assets["model"]), "classification")
@@ -176,15 +176,15 @@ def test_vocab_pruning_tokenizes_corpus_identically(assets: dict[str, Path], tmp
 
 
 def test_slice_model_exact_when_removed_neurons_are_dead(assets: dict[str, Path]) -> None:
-    from slimtune.data import load_classification, tokenize_classification
-    from slimtune.models import load_model, load_tokenizer
-    from slimtune.prune_structured import (
+    from slimtune.compress.prune.structured import (
         encoder_layers,
         ffn_linears,
         slice_model,
         taylor_importance,
         top_indices,
     )
+    from slimtune.data.datasets import load_classification, tokenize_classification
+    from slimtune.models.loading import load_model, load_tokenizer
 
     model = load_model(str(assets["model"]), "classification").eval()
     dead = torch.arange(0, 64, 2)  # zero the down-projection of every even neuron: they contribute nothing
@@ -205,7 +205,7 @@ def test_slice_model_exact_when_removed_neurons_are_dead(assets: dict[str, Path]
 
 
 def test_heads_refused_with_reason(assets: dict[str, Path], tmp_path: Path) -> None:
-    from slimtune.config import RecipeError
+    from slimtune.config.recipe import RecipeError
 
     with pytest.raises(RecipeError, match="hidden_size // num_attention_heads"):
         prune_to_dir(PruneSettings(model=str(assets["model"]), output=str(tmp_path / "h"), heads=0.5))
@@ -287,7 +287,7 @@ def test_pruned_output_reloads_identically_in_fresh_process(pruned: dict[str, di
 
 
 def test_cli_prune_end_to_end(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from slimtune.cli import main
+    from slimtune.cli.main import main
 
     out = tmp_path / "cli"
     rc = main(["prune", "--model", str(assets["model"]), "--train", str(assets["train"]), "--eval",
@@ -301,7 +301,7 @@ def test_cli_prune_end_to_end(assets: dict[str, Path], tmp_path: Path, capsys: p
 
 
 def test_magnitude_recipe_validation() -> None:
-    from slimtune.config import RecipeError, resolve
+    from slimtune.config.recipe import RecipeError, resolve
 
     r = resolve({"method": {"name": "magnitude", "sparsity": 0.7, "pattern": "unstructured", "scope": "layer"}})
     assert r.method.sparsity == 0.7 and r.method.scope == "layer"

@@ -12,7 +12,7 @@ import torch
 from helpers_quantize import tiny_bert
 from torch import nn
 
-from slimtune.quant.api import (
+from slimtune.compress.quant.api import (
     Int4WeightConfig,
     Int8WeightConfig,
     KMeansConfig,
@@ -26,9 +26,9 @@ from slimtune.quant.api import (
     quantized_modules,
     register_quantize_handler,
 )
-from slimtune.quant.codebook import NF4_CODE
-from slimtune.quant.linear import pack_bits, qrange, sqnr_db, unpack_bits
-from slimtune.quant.storage import (
+from slimtune.compress.quant.codebook import NF4_CODE
+from slimtune.compress.quant.linear import pack_bits, qrange, sqnr_db, unpack_bits
+from slimtune.compress.quant.storage import (
     QuantizedFormatError,
     export_dequantized,
     load_quantized,
@@ -293,7 +293,7 @@ def test_load_errors_name_the_file(tmp_path) -> None:
 
 
 def test_fake_quant_forward_equals_the_quantized_model() -> None:
-    from slimtune.quant.qat import FakeQuantMethod
+    from slimtune.compress.quant.qat import FakeQuantMethod
 
     cfg = Int4WeightConfig(group_size=16)
     ids = torch.randint(5, 64, (2, 10))
@@ -309,8 +309,8 @@ def test_fake_quant_forward_equals_the_quantized_model() -> None:
 def test_recover_trains_through_the_loop_and_leaves_plain_modules() -> None:
     from torch.nn.utils import parametrize
 
-    from slimtune.data import TokenizedData
-    from slimtune.quant.qat import recover_
+    from slimtune.compress.quant.qat import recover_
+    from slimtune.data.datasets import TokenizedData
 
     g = torch.Generator().manual_seed(0)
     ids = [[2, *torch.randint(5, 30, (8,), generator=g).tolist(), 3] for _ in range(32)]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers_quantize import tiny_eval_tsv, tiny_model_dir
 
-from slimtune.cli import main
-from slimtune.quantize import QuantizeError, load_classifier, make_config
+from slimtune.cli.main import main
+from slimtune.compress.quant.recipe import QuantizeError, load_classifier, make_config
 
 FAST = ["--seq-len", "16", "--repeats", "3"]
 

@@ -12,10 +12,10 @@ from helpers_quantize import tiny_bert, tiny_tokenizer
 
 pytest.importorskip("onnxruntime")
 
-from slimtune.quant import backends as B  # noqa: E402
-from slimtune.quant.api import Int8WeightConfig, QuantizedLinear, quantize_  # noqa: E402
-from slimtune.quant.linear import sqnr_db  # noqa: E402
-from slimtune.quant.onnx import load_onnx_classifier, write_onnx_folder  # noqa: E402
+from slimtune.compress.quant import backends as B  # noqa: E402
+from slimtune.compress.quant.api import Int8WeightConfig, QuantizedLinear, quantize_  # noqa: E402
+from slimtune.compress.quant.linear import sqnr_db  # noqa: E402
+from slimtune.compress.quant.onnx import load_onnx_classifier, write_onnx_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_time_candidates_prescreen_drops_slow_ones() -> None:
 def test_mixed_precision_keeps_float_activations_with_int8_weights(tmp_path) -> None:
     import onnx
 
-    from slimtune.data import TokenizedData
+    from slimtune.data.datasets import TokenizedData
 
     model, tok = tiny_bert(), tiny_tokenizer(tmp_path / "tok")
     g = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from slimtune.cli import main
+from slimtune.cli.main import main
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

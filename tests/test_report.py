@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from slimtune.report import enrich, markdown_table, pareto_front, read_curves, write_report
+from slimtune.report.html import enrich, markdown_table, pareto_front, read_curves, write_report
 
 
 def _rows(tmp_path: Path) -> list[dict]:
@@ -125,7 +125,7 @@ def test_report_screenshot_in_headless_chromium(tmp_path: Path) -> None:
 
 
 def test_label_offsets_separate_close_points_and_keep_lone_ones() -> None:
-    from slimtune.report import label_offsets
+    from slimtune.report.html import label_offsets
 
     # two candidates 1 pt apart (the int8 pair of a compress report) and one far away
     anchors = [(100.0, 200.0), (101.0, 200.5), (400.0, 50.0)]

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from slimtune.serve import Runner, ServeConfig, create_app, load_runner  # noqa: E402
+from slimtune.serve.app import Runner, ServeConfig, create_app, load_runner  # noqa: E402
 
 WORDS = "good great fine love bad awful boring movie film plot the a is was and but very not".split()
 
@@ -326,7 +326,7 @@ def test_onnx_folder_served_like_torch(bert_dir: Path, bert_runner: Runner, tmp_
 def test_quantized_folder_served(bert_dir: Path, bert_runner: Runner, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from slimtune import quantize
+    from slimtune.compress.quant import recipe as quantize
 
     model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
     cfg = quantize.Int8WeightConfig()
@@ -344,7 +344,7 @@ def test_quantized_folder_served(bert_dir: Path, bert_runner: Runner, tmp_path: 
 
 
 def test_cli_registers_serve() -> None:
-    from slimtune.cli import build_parser
+    from slimtune.cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "--model", "x", "--max-batch-size", "4", "--api-key", "k",
                                       "--threads", "2", "--max-wait-ms", "2.5"])
@@ -354,8 +354,8 @@ def test_cli_registers_serve() -> None:
 def test_device_is_checked_before_any_weight_loads(bert_dir: Path) -> None:
     import torch
 
-    from slimtune.cli import main
-    from slimtune.serve_models import check_device
+    from slimtune.cli.main import main
+    from slimtune.serve.models import check_device
 
     check_device("cpu")
     with pytest.raises(ValueError, match="--device 'gpu'"):
@@ -386,7 +386,7 @@ def test_cuda_runner_matches_cpu(bert_dir: Path, bert_runner: Runner) -> None:
 
 
 def test_split_by_length_trades_padding_against_forward_cost() -> None:
-    from slimtune.serve_batching import split_by_length
+    from slimtune.serve.batching import split_by_length
 
     def cost(lengths: list[int], chunks: list[tuple[int, int]], c0: int) -> int:
         return sum(c0 + (b - a) * lengths[b - 1] for a, b in chunks)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from slimtune.config import RecipeError, TrainConfig
-from slimtune.data import TokenizedData
+from slimtune.config.recipe import RecipeError, TrainConfig
+from slimtune.data.datasets import TokenizedData
 from slimtune.methods import MethodContext, get_method
 from slimtune.methods.sharing import (
     RelaxedLinear,
@@ -24,8 +24,8 @@ from slimtune.methods.sharing import (
     apply_structure,
     find_layers,
 )
-from slimtune.models import load_model
-from slimtune.train import train
+from slimtune.models.loading import load_model
+from slimtune.train.loop import train
 
 ARCHS = ["bert", "llama"]
 TASK = {"bert": "classification", "llama": "causal-lm"}
@@ -228,7 +228,7 @@ def test_bad_values_name_the_key(base_dirs: dict[str, str]) -> None:
 
 def test_bench_overrides_resolve() -> None:
     """The bench row's overrides go through the recipe parser (types, choices, validate)."""
-    from slimtune.config import parse_override, resolve, set_path
+    from slimtune.config.recipe import parse_override, resolve, set_path
 
     tree: dict = {"method": {"name": "sharing"}}
     for o in ["method.groups=3", "method.init=mean", "method.embedding_rank=192", "method.share=matrices",

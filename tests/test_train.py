@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 from tiny import make_tiny_bert, sentiment_rows, write_tsv
 
-from slimtune.config import TrainConfig
-from slimtune.data import load_classification, tokenize_classification
+from slimtune.config.recipe import TrainConfig
+from slimtune.data.datasets import load_classification, tokenize_classification
 from slimtune.methods import get_method
-from slimtune.models import load_model, load_tokenizer
-from slimtune.train import NonFiniteLossError, lr_lambda, plan_steps, train
+from slimtune.models.loading import load_model, load_tokenizer
+from slimtune.train.loop import NonFiniteLossError, lr_lambda, plan_steps, train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SLIMTUNE_NO_PROGRESS": "1"}
 
@@ -61,7 +61,7 @@ def test_loss_decreases_and_best_kept(tiny, tmp_path):
     def eval_fn(mdl):
         mdl.eval()
         with torch.no_grad():
-            from slimtune.data import collate
+            from slimtune.data.datasets import collate
             b = collate(data, list(range(64)))
             loss = mdl(**b).loss.item()
         losses.append(loss)
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_with_clear_message(tiny, tmp_path):
 
 
 def _finetune_cmd(model_dir, train_f, eval_f, out, steps):
-    return [sys.executable, "-m", "slimtune.cli", "finetune", "--model", str(model_dir), "--train", str(train_f),
+    return [sys.executable, "-m", "slimtune.cli.main", "finetune", "--model", str(model_dir), "--train", str(train_f),
             "--eval", str(eval_f), "--output", str(out), "--max-steps", str(steps), "--batch-size", "4",
             "--lr", "5e-4", "train.save_every=20", "train.eval_every=400", "train.tensorboard=false",
             "train.num_threads=1"]
@@ -128,7 +128,7 @@ def test_kill_9_and_resume_gives_identical_result(tiny, tmp_path):
     """A real process is SIGKILLed mid-run; the same command, restarted, ends bit-identical to an
     unbroken run. Python start-up (torch + transformers imports, ~10 s of CPU) is most of the
     cost here, so the unbroken reference runs in this process, beside the resumed process."""
-    from slimtune.cli import main
+    from slimtune.cli.main import main
 
     model_dir, train_f, eval_f = tiny
     steps = 800  # ~5 ms a step: the slack after the kill point covers the 50 ms polling many times over

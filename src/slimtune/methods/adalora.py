@@ -49,7 +49,7 @@ class AdaLoraMethodConfig:
     export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "adalora: what to write: merged model, PEFT adapter under adapter/, or both."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config import RecipeError
+        from slimtune.config.recipe import RecipeError
 
         if self.init_r < 1:
             raise RecipeError(f"method.init_r: must be >= 1, got {self.init_r}")
@@ -78,7 +78,7 @@ def schedule(cfg: AdaLoraMethodConfig, total_steps: int) -> tuple[int, int]:
     Raises RecipeError (naming the keys and the step count) when explicit values leave no
     budgeting phase; the derived defaults (10% / 20%) always leave one.
     """
-    from slimtune.config import RecipeError
+    from slimtune.config.recipe import RecipeError
 
     tinit = cfg.tinit if cfg.tinit is not None else int(0.1 * total_steps)
     tfinal = cfg.tfinal if cfg.tfinal is not None else int(0.2 * total_steps)

@@ -21,7 +21,7 @@ Serving. The non-linearity makes folding into the base weights impossible, so th
   the trained head only (what must be stored next to the base model), loaded by
   :func:`load_adapters` (``load_adapters(base_model, DIR/adapters)``);
 - ``model_with_adapters.safetensors`` + ``config.json`` + ``slimtune_method.json``: the whole
-  model, so ``slimtune evaluate --model DIR`` and ``slimtune.models.load_model(DIR, task)`` load
+  model, so ``slimtune evaluate --model DIR`` and ``slimtune.models.loading.load_model(DIR, task)`` load
   it without the base model (``export: adapter`` skips this copy; the base is then read from
   the path in ``adapter_config.json``). Plain ``transformers`` refuses the folder (no
   ``model.safetensors``) instead of silently dropping the adapters.
@@ -76,7 +76,7 @@ class AdapterMethodConfig:
     export: Literal["both", "adapter"] = field(default="both", metadata={"help": "adapters: adapter folder only, or also the whole model (loadable without the base)."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config import RecipeError
+        from slimtune.config.recipe import RecipeError
 
         if self.size < 1:
             raise RecipeError(f"method.size: must be >= 1, got {self.size}")
@@ -192,7 +192,7 @@ def load_adapters(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Attach the adapters saved in ``adapter_dir`` to ``base_model`` and load their weights.
 
     ``base_model`` is the model the adapters were trained on, loaded as usual (e.g.
-    ``slimtune.models.load_model(base, "classification", label_names=[...])``); the saved
+    ``slimtune.models.loading.load_model(base, "classification", label_names=[...])``); the saved
     head and norms overwrite its own. Every adapter tensor must be in the file.
     """
     from safetensors.torch import load_file
@@ -221,7 +221,7 @@ def load_adapters(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 
 
 def load_exported(path: Path, task: str, dtype: str = "float32") -> nn.Module:
-    """Load an exported adapters run folder (called by ``slimtune.models.load_model``)."""
+    """Load an exported adapters run folder (called by ``slimtune.models.loading.load_model``)."""
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -244,7 +244,7 @@ def load_exported(path: Path, task: str, dtype: str = "float32") -> nn.Module:
 class AdapterMethod:
     name = "adapters"
     config_cls = AdapterMethodConfig
-    load_exported = staticmethod(load_exported)  # used by slimtune.models.load_model
+    load_exported = staticmethod(load_exported)  # used by slimtune.models.loading.load_model
 
     def apply(self, model: nn.Module, cfg: AdapterMethodConfig, ctx: MethodContext) -> nn.Module:
         targets = find_targets(model, cfg.placement, cfg.attention_modules, cfg.ffn_modules)

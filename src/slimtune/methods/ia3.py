@@ -33,7 +33,7 @@ class IA3MethodConfig:
     export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "ia3: what to write: merged model, PEFT adapter under adapter/, or both."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config import RecipeError
+        from slimtune.config.recipe import RecipeError
 
         if self.feedforward_modules and not self.target_modules:
             raise RecipeError("method.feedforward_modules: set method.target_modules too (feed-forward modules must be a subset of them)")

@@ -28,7 +28,7 @@ class LoraMethodConfig:
     export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "lora: what to write: merged model, PEFT adapter under adapter/, or both."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config import RecipeError
+        from slimtune.config.recipe import RecipeError
 
         if self.r < 1:
             raise RecipeError(f"method.r: must be >= 1, got {self.r}")

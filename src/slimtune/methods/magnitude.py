@@ -49,7 +49,7 @@ class MagnitudeConfig:
     sparse_sidecar: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "magnitude: write a bitmask-compressed copy under sparse/ ('auto': only when it is smaller than the dense file)."})
 
     def validate(self, recipe: Any = None) -> None:
-        from slimtune.config import RecipeError
+        from slimtune.config.recipe import RecipeError
 
         if not 0 <= self.sparsity < 1:
             raise RecipeError(f"method.sparsity: must be in [0, 1), got {self.sparsity}")
@@ -68,7 +68,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"(\d+):(\d+)", pattern)
     if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-        from slimtune.config import RecipeError
+        from slimtune.config.recipe import RecipeError
 
         raise RecipeError(f"method.pattern: expected 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
     return int(m.group(1)), int(m.group(2))

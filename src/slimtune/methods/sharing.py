@@ -71,7 +71,7 @@ class SharingMethodConfig:
     relax_rank: int = field(default=0, metadata={"help": "sharing: per-layer rank-r residual B_i @ A_i on every shared nn.Linear (Relaxed Recursive Transformers; SVD init from W_i - W_shared); 0: none. Must be < min(in, out)."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config import RecipeError
+        from slimtune.config.recipe import RecipeError
 
         if isinstance(self.groups, int) and self.groups < 0:
             raise RecipeError(f"method.groups: must be >= 0, got {self.groups}")
@@ -115,7 +115,7 @@ def resolve_groups(groups: int | list[list[int]], n_layers: int, pattern: str = 
     Bae et al., 2024). Measured on MiniLM 6 -> 3 after KD recovery: cycle + ``init: first``
     recovers far better (docs/methods.md). Explicit lists ignore ``pattern``.
     """
-    from slimtune.config import RecipeError
+    from slimtune.config.recipe import RecipeError
 
     if isinstance(groups, int):
         k = groups or math.ceil(n_layers / 2)
@@ -310,7 +310,7 @@ def apply_structure(model: nn.Module, info: dict[str, Any], init: str | None) ->
 def check_relax_rank(model: nn.Module, groups: list[list[int]], rank: int) -> None:
     """Refuse ``rank >= min(in, out)`` of any Linear it would wrap (RecipeError naming the key):
     such a residual stores more than the unshared matrix."""
-    from slimtune.config import RecipeError
+    from slimtune.config.recipe import RecipeError
 
     path, layers = find_layers(model)
     for i, name in _relaxed_linears(layers, groups):
@@ -348,7 +348,7 @@ def _read_sidecar(file: Path) -> dict[str, Any]:
 
 
 def load_exported(path: Path, task: str, dtype: str = "float32") -> nn.Module:
-    """Rebuild a shared model from its folder (called by ``slimtune.models.load_model``)."""
+    """Rebuild a shared model from its folder (called by ``slimtune.models.loading.load_model``)."""
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -364,7 +364,7 @@ def load_exported(path: Path, task: str, dtype: str = "float32") -> nn.Module:
 class SharingMethod:
     name = "sharing"
     config_cls = SharingMethodConfig
-    load_exported = staticmethod(load_exported)  # used by slimtune.models.load_model
+    load_exported = staticmethod(load_exported)  # used by slimtune.models.loading.load_model
 
     def apply(self, model: nn.Module, cfg: SharingMethodConfig, ctx: MethodContext) -> nn.Module:
         info = _plan(model, cfg, ctx)

@@ -1,0 +1,1 @@
+"""Size, latency and throughput measurement, side by side."""

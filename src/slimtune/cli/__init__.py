@@ -1,0 +1,1 @@
+"""The command line: every parser and command. The library never imports this package."""

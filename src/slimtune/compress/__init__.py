@@ -1,0 +1,1 @@
+"""Compression stages: distillation, pruning and quantization."""

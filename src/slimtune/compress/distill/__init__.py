@@ -1,0 +1,1 @@
+"""Knowledge distillation: student construction, losses, teacher cache, recipe."""

@@ -1,0 +1,1 @@
+"""Pruning: unstructured, structured (heads, FFN, layers) and vocabulary."""

@@ -1,0 +1,1 @@
+"""Recipe settings: typed dataclasses, YAML loading, overrides and validation."""

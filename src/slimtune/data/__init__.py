@@ -1,0 +1,1 @@
+"""Reading and tokenizing user data files, and building transfer sets."""

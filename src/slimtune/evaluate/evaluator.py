@@ -1,0 +1,178 @@
+"""Evaluation: accuracy, macro-F1 and a per-class report for classifiers; perplexity for LMs.
+
+Metrics are computed in code (``evaluate.load`` needs the hub). Evaluation batches are sorted
+by length, so padding costs almost nothing, and predictions are put back in file order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from slimtune.data.datasets import TokenizedData, collate, epoch_batches
+
+
+def classification_metrics(preds: list[int], labels: list[int], label_names: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class precision/recall/F1/support."""
+    if len(preds) != len(labels):
+        raise ValueError(f"{len(preds)} predictions for {len(labels)} labels")
+    n = len(labels)
+    per_class: dict[str, dict[str, float]] = {}
+    f1s = []
+    for c, name in enumerate(label_names):
+        tp = sum(1 for p, y in zip(preds, labels, strict=True) if p == c and y == c)
+        fp = sum(1 for p, y in zip(preds, labels, strict=True) if p == c and y != c)
+        fn = sum(1 for p, y in zip(preds, labels, strict=True) if p != c and y == c)
+        support = tp + fn
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+        if support or tp + fp:
+            f1s.append(f1)
+    accuracy = sum(1 for p, y in zip(preds, labels, strict=True) if p == y) / n if n else 0.0
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+            "n": n, "per_class": per_class}
+
+
+def _forward_batches(model: torch.nn.Module, data: TokenizedData, batch_size: int,
+                     fn: Callable[[dict[str, torch.Tensor], torch.Tensor], None]) -> None:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for idx in epoch_batches(data.lengths(), batch_size, 0, 0, shuffle=False, group_by_length=True):
+            batch = {k: v.to(device) for k, v in collate(data, idx).items()}
+            fn(batch, torch.tensor(idx))
+    model.train(was_training)
+
+
+def predict_logits(model: torch.nn.Module, data: TokenizedData, batch_size: int = 64) -> torch.Tensor:
+    """Logits (N, C) of a classifier for every example, in file order."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def step(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> None:
+        batch.pop("labels", None)
+        out.append((idx, model(**batch).logits.float().cpu()))
+
+    _forward_batches(model, data, batch_size, step)
+    n = len(data)
+    logits = torch.empty(n, out[0][1].shape[-1])
+    for idx, lg in out:
+        logits[idx] = lg
+    return logits
+
+
+def evaluate_classifier(model: torch.nn.Module, data: TokenizedData, label_names: list[str],
+                        batch_size: int = 64) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class report and mean cross-entropy on labelled ``data``."""
+    if data.labels is None:
+        raise ValueError("evaluation data has no labels")
+    logits = predict_logits(model, data, batch_size)
+    labels = torch.tensor(data.labels)
+    metrics = classification_metrics(logits.argmax(-1).tolist(), data.labels, label_names)
+    metrics["loss"] = torch.nn.functional.cross_entropy(logits, labels).item()
+    return metrics
+
+
+def evaluate_causal_lm(model: torch.nn.Module, data: TokenizedData, batch_size: int = 8) -> dict[str, Any]:
+    """Token-level mean NLL over every predicted token, and perplexity = exp(NLL)."""
+    total = {"nll": 0.0, "tokens": 0}
+
+    def step(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> None:
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()  # (B, T, V)
+        # Predict token t+1 from positions <= t: shift by one.
+        lg, tgt = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        total["nll"] += torch.nn.functional.cross_entropy(lg, tgt, ignore_index=-100, reduction="sum").item()
+        total["tokens"] += int((tgt != -100).sum())
+
+    _forward_batches(model, data, batch_size, step)
+    nll = total["nll"] / max(total["tokens"], 1)
+    return {"loss": nll, "perplexity": math.exp(min(nll, 50.0)), "tokens": total["tokens"]}
+
+
+def format_report(metrics: dict[str, Any], title: str = "") -> str:
+    """A plain-text table: per-class precision/recall/F1/support, then the summary line."""
+    lines = [title] if title else []
+    if "per_class" in metrics:
+        w = max(10, *(len(n) for n in metrics["per_class"]))
+        lines.append(f"{'class':<{w}}  precision  recall     f1  support")
+        for name, m in metrics["per_class"].items():
+            lines.append(f"{name:<{w}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:5.4f}  {m['support']:7d}")
+        lines.append(f"{'accuracy':<{w}}  {metrics['accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   n={metrics['n']}")
+    if "perplexity" in metrics:
+        lines.append(f"perplexity {metrics['perplexity']:.3f}   loss {metrics['loss']:.4f}   tokens {metrics['tokens']}")
+    return "\n".join(lines)
+
+
+def model_task(model_dir: str) -> str:
+    """'causal-lm' or 'classification', read from a saved model's config.json."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    return "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "classification"
+
+
+def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, batch_size: int = 64,
+                 max_length: int | None = None, text_column: str | None = None,
+                 text_pair_column: str | None = None, label_column: str | None = None,
+                 encoding: str | None = None, skip_bad_rows: bool = False) -> dict[str, Any]:
+    """Evaluate a saved model folder on a file; write ``metrics.json`` (or ``output``).
+
+    Defaults for max_length, columns and encoding come from the folder's ``recipe.yaml`` when
+    present, so ``slimtune evaluate --model DIR --eval FILE`` repeats the training setup.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from slimtune.data.datasets import (
+        load_classification,
+        read_text_files,
+        tokenize_causal,
+        tokenize_classification,
+    )
+    from slimtune.io import update_json, weights_size_mb
+    from slimtune.models.loading import count_params, label_names_of, load_model, load_tokenizer
+
+    d: dict[str, Any] = {}
+    recipe_path = Path(model_dir) / "recipe.yaml"
+    if recipe_path.is_file():
+        d = (yaml.safe_load(recipe_path.read_text()) or {}).get("data", {})
+    max_length = max_length or d.get("max_length") or 128
+    encoding = encoding or d.get("encoding") or "utf-8"
+    task = model_task(model_dir)
+    from slimtune.benchmark.latency import model_kind
+
+    if task == "classification" and model_kind(model_dir) != "hf":  # ONNX / quantized folders
+        from slimtune.benchmark.latency import count_stored_params, evaluate_model_dir
+
+        result = evaluate_model_dir(model_dir, eval_path, max_length=max_length, batch_size=batch_size,
+                                    text_column=text_column, text_pair_column=text_pair_column,
+                                    label_column=label_column, encoding=encoding, skip_bad_rows=skip_bad_rows)
+        result.update(params=count_stored_params(model_dir), size_mb=weights_size_mb(model_dir))
+        update_json(output or Path(model_dir) / "metrics.json", result)
+        return result
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, task)
+    if task == "classification":
+        names = label_names_of(model)
+        if all(n == f"LABEL_{i}" for i, n in enumerate(names)):  # a config with no label names
+            names = [str(i) for i in range(len(names))]
+        data = load_classification(eval_path, text_column=text_column or d.get("text_column"),
+                                   text_pair_column=text_pair_column or d.get("text_pair_column"),
+                                   label_column=label_column or d.get("label_column"),
+                                   label_names=names, skip_bad_rows=skip_bad_rows, encoding=encoding)
+        result = evaluate_classifier(model, tokenize_classification(data, tok, max_length), names, batch_size)
+    else:
+        blocks = tokenize_causal(read_text_files(eval_path, encoding), tok, max_length)
+        result = evaluate_causal_lm(model, blocks, max(1, batch_size // 8))
+    result.update(eval_file=str(eval_path), params=count_params(model), size_mb=weights_size_mb(model_dir))
+    update_json(output or Path(model_dir) / "metrics.json", result)
+    return result

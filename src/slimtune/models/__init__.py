@@ -1,0 +1,1 @@
+"""Model aliases, loading from local folders or the hub, and format converters."""

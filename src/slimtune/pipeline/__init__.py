@@ -1,0 +1,1 @@
+"""The `run` chain and the `compress` accuracy-constrained search."""

@@ -1,0 +1,1 @@
+"""The HTML trade-off report."""

@@ -1,0 +1,278 @@
+"""``slimtune serve``: an HTTP inference API for any slimtune output folder, with dynamic batching.
+
+One worker thread owns the model (:mod:`slimtune.serve.batching`); request handlers (asyncio,
+FastAPI) validate the body, queue it and await the batcher's answer. The model folder is loaded
+behind one small Runner interface (:mod:`slimtune.serve.models`: torch, ONNX Runtime or
+slimtune's quantized models) and metrics are kept in :mod:`slimtune.serve.metrics`. This module
+holds the HTTP app (routes, validation, errors, auth) and the CLI, and re-exports the public
+names of the others.
+
+Top-level imports are stdlib only (``slimtune --help`` stays fast); FastAPI, torch and
+onnxruntime are imported where used.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from slimtune.serve.batching import Batcher, ClientError, ServeConfig
+from slimtune.serve.metrics import Metrics
+from slimtune.serve.models import Runner, load_runner, warmup
+
+# --------------------------------------------------------------------------------------------
+# HTTP app
+# --------------------------------------------------------------------------------------------
+
+ENDPOINTS = ("/v1/classify", "/v1/generate", "/healthz", "/metrics", "/docs", "/openapi.json")
+
+
+class _Guard:
+    """Outermost ASGI middleware: body-size cap (413), per-request metrics, last-resort 500 JSON."""
+
+    def __init__(self, app: Any, metrics: Metrics, max_body: int):
+        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]  # 0: no response started yet
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"
+        self.metrics.in_flight += 1
+
+        async def send_wrapped(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+                self.metrics.request(endpoint, msg["status"], time.perf_counter() - t0)
+            await send(msg)
+
+        try:
+            body, more, size = [], True, 0  # read the body up front so oversized ones stop early
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                size += len(msg.get("body", b""))
+                if size > self.max_body:
+                    return await _send_json(send_wrapped, 413, "body_too_large",
+                                            f"request body exceeds {self.max_body} bytes")
+                body.append(msg.get("body", b""))
+                more = msg.get("more_body", False)
+            replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+            async def receive_replay() -> dict:
+                return replay.pop() if replay else await receive()
+
+            await self.app(scope, receive_replay, send_wrapped)
+        except Exception:
+            logging.getLogger("slimtune.serve.app").exception("unhandled error on %s", path)
+            if not status[0]:
+                await _send_json(send_wrapped, 500, "internal_error", "unexpected server error")
+        finally:
+            self.metrics.in_flight -= 1
+
+
+async def _send_json(send: Any, status: int, kind: str, message: str) -> None:
+    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _schemas(cfg: ServeConfig) -> tuple[Any, Any]:
+    """Pydantic request models carrying this server's limits (so /docs shows the real ones)."""
+    from typing import Annotated
+
+    from pydantic import (
+        BaseModel,
+        ConfigDict,
+        Field,
+        StrictFloat,
+        StrictInt,
+        StringConstraints,
+        model_validator,
+    )
+
+    Text = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=cfg.max_chars,
+                                            pattern=r"\S")]  # \S: whitespace-only counts as empty
+
+    class ClassifyRequest(BaseModel):
+        """Exactly one of ``texts`` or ``pairs`` (sentence-pair models)."""
+
+        model_config = ConfigDict(extra="forbid")
+        texts: list[Text] | None = Field(None, min_length=1, max_length=cfg.max_texts,
+                                         examples=[["a gripping, funny film", "dull and far too long"]])
+        pairs: list[tuple[Text, Text]] | None = Field(None, min_length=1, max_length=cfg.max_texts)
+
+        @model_validator(mode="after")
+        def _one_of(self) -> "ClassifyRequest":
+            if (self.texts is None) == (self.pairs is None):
+                raise ValueError("give exactly one of 'texts' or 'pairs'")
+            return self
+
+    class GenerateRequest(BaseModel):
+        """Greedy by default; ``temperature`` > 0 samples (nucleus ``top_p``)."""
+
+        model_config = ConfigDict(extra="forbid")
+        prompt: Text
+        max_new_tokens: StrictInt = Field(min(32, cfg.max_new_tokens), ge=1, le=cfg.max_new_tokens)
+        temperature: StrictFloat | StrictInt = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+        top_p: StrictFloat | StrictInt = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+
+    return ClassifyRequest, GenerateRequest
+
+
+def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str = "model") -> Any:
+    """The ASGI app (FastAPI) serving ``runner``; the batcher starts/stops with the app's lifespan."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    cfg = cfg or ServeConfig()
+    cfg.validate()
+    metrics = Metrics()
+    batcher = Batcher(runner, cfg, metrics)
+    ClassifyRequest, GenerateRequest = _schemas(cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: Any):  # noqa: ANN202
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="slimtune serve", version="1", lifespan=lifespan,
+                  description=f"{runner.task} model `{model_name}` on {runner.backend}, dynamic batching "
+                              f"(max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms} ms).")
+    app.state.batcher, app.state.metrics, app.state.cfg = batcher, metrics, cfg
+
+    def err(status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> Any:
+        return JSONResponse({"error": {"type": kind, "message": message, **extra}}, status, headers=headers)
+
+    @app.exception_handler(ClientError)
+    async def _client_error(_: Request, e: ClientError) -> Any:
+        return err(e.status, e.kind, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> Any:
+        errors = e.errors()
+        if any(x.get("type") == "json_invalid" for x in errors):
+            ctx = next(x.get("ctx", {}) for x in errors if x.get("type") == "json_invalid")
+            return err(400, "malformed_json", f"request body is not valid JSON ({ctx.get('error', 'decode error')})")
+        details = [{"loc": ".".join(str(p) for p in x.get("loc", ())), "msg": x.get("msg", "")} for x in errors]
+        msg = "; ".join(f"{d['loc']}: {d['msg']}" for d in details[:5])
+        return err(422, "invalid_request", msg, errors=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> Any:
+        return err(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None))
+
+    def auth(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        h = request.headers
+        given = h.get("x-api-key") or ""
+        if not given and h.get("authorization", "").lower().startswith("bearer "):
+            given = h["authorization"][7:].strip()
+        if not given or not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+            raise ClientError(401, "unauthorized", "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                              {"WWW-Authenticate": "Bearer"})
+
+    async def run(rows: list[Any]) -> Any:
+        fut = batcher.submit(rows)
+        try:
+            return await asyncio.wait_for(fut, cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ClientError(503, "timeout", f"no answer within {cfg.request_timeout_s} s; retry later",
+                              {"Retry-After": "1"}) from None
+
+    @app.post("/v1/classify", dependencies=[Depends(auth)], tags=["inference"])
+    async def classify(body: ClassifyRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Label and class probabilities for each text (or pair), in request order."""
+        if runner.task != "classification":
+            raise ClientError(400, "wrong_task", "this server runs a causal LM: use POST /v1/generate")
+        rows = body.texts if body.texts is not None else [tuple(p) for p in body.pairs]
+        return {"model": model_name, "results": await run(rows)}
+
+    @app.post("/v1/generate", dependencies=[Depends(auth)], tags=["inference"])
+    async def generate(body: GenerateRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Continue ``prompt`` by up to ``max_new_tokens`` tokens."""
+        if runner.task != "causal-lm":
+            raise ClientError(400, "wrong_task", "this server runs a classifier: use POST /v1/classify")
+        ids = runner.tokenizer(body.prompt)["input_ids"]
+        budget = runner.max_length - body.max_new_tokens
+        if len(ids) > budget:
+            raise ClientError(422, "prompt_too_long", f"prompt has {len(ids)} tokens; at most {budget} fit "
+                              f"with max_new_tokens={body.max_new_tokens}")
+        row = {"ids": ids, "max_new_tokens": body.max_new_tokens, "temperature": float(body.temperature),
+               "top_p": float(body.top_p)}
+        return {"model": model_name, **(await run([row]))}
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> Any:
+        """200 while the model worker runs; 503 otherwise."""
+        info = {"status": "ok" if batcher.alive else "worker_down", "task": runner.task,
+                "backend": runner.backend, "device": runner.device, "model": model_name, "queue_depth": batcher.depth()}
+        return JSONResponse(info, 200 if batcher.alive else 503)
+
+    @app.get("/metrics", dependencies=[Depends(auth)], tags=["ops"], response_class=PlainTextResponse)
+    async def prometheus() -> Any:
+        """Prometheus text format."""
+        return PlainTextResponse(metrics.render(batcher.depth()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_middleware(_Guard, metrics=metrics, max_body=cfg.max_body_bytes)
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: Any) -> int:
+    """Load the model, warm it up, and serve until interrupted."""
+    import uvicorn
+
+    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"slimtune serve: {e}") from None
+    try:
+        runner = load_runner(args.model, cfg.threads, cfg.device)
+    except ValueError as e:
+        raise SystemExit(f"slimtune serve: {e}") from None
+    warmup(runner)
+    app = create_app(runner, cfg, model_name=Path(args.model).name)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+        logging.getLogger("slimtune").warning("serving on %s without --api-key", args.host)
+    print(f"slimtune serve: {runner.task} ({runner.backend}, {runner.device}) from {args.model} on http://{args.host}:{args.port} "
+          f"(docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Add ``slimtune serve``."""
+    p = subparsers.add_parser("serve", help="HTTP inference API with dynamic batching (see docs/serving.md)")
+    p.add_argument("--model", required=True, help="model folder written by slimtune (safetensors or model.onnx)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    for f in fields(ServeConfig):
+        tp = {"threads": int, "api_key": str}.get(f.name) or type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=tp, default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default})")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    p.set_defaults(func=cmd_serve)
+
+
+__all__ = ["Batcher", "ClientError", "Metrics", "Runner", "ServeConfig", "add_cli", "create_app", "load_runner"]

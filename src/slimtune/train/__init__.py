@@ -1,0 +1,1 @@
+"""The training loop, distributed launch and the fine-tuning recipe."""

@@ -1,0 +1,189 @@
+"""The fine-tune recipe: data → model → method → the training loop → export → evaluation.
+
+Everything a run writes goes to ``recipe.output``:
+
+- ``config.json`` + ``model.safetensors`` + tokenizer: plain transformers loads it.
+- ``adapter/``: PEFT adapter (LoRA-family methods).
+- ``metrics.json``: accuracy, macro_f1, per-class report (or perplexity), params, size_mb, timing.
+- ``metrics.jsonl`` and ``tensorboard/``: training curves. ``recipe.yaml``: the resolved recipe.
+
+Under torchrun (``slimtune finetune --nproc N``) every rank runs this; rank 0 alone writes the
+recipe, exports and evaluates; the other ranks return after training (see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimtune.config.recipe import Recipe
+from slimtune.data.datasets import (
+    TokenizedData,
+    load_classification,
+    read_text_files,
+    split_blocks,
+    tokenize_causal,
+    tokenize_classification,
+)
+from slimtune.evaluate.evaluator import evaluate_causal_lm, evaluate_classifier, format_report
+from slimtune.io import update_json, weights_size_mb
+from slimtune.methods import MethodContext, get_method
+from slimtune.models.loading import count_params, load_model, load_tokenizer, resolve
+from slimtune.train import distributed
+from slimtune.train.loop import peak_rss_mb, plan_steps, train
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch (CPU and CUDA)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(recipe: Recipe, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | None, list[str] | None]:
+    """Read and tokenize train/eval data for the recipe's task; return (train, eval, label names)."""
+    d, t = recipe.data, recipe.train
+    if recipe.model.task == "classification":
+        cols = {"text_column": d.text_column, "text_pair_column": d.text_pair_column,
+                "label_column": d.label_column, "skip_bad_rows": d.skip_bad_rows, "encoding": d.encoding}
+        tr = load_classification(d.train, max_rows=d.max_train_samples, seed=t.seed, **cols)
+        ev = None
+        if d.eval:
+            ev = load_classification(d.eval, label_names=tr.label_names, max_rows=d.max_eval_samples,
+                                     seed=t.seed, **cols)
+        return (tokenize_classification(tr, tokenizer, d.max_length),
+                tokenize_classification(ev, tokenizer, d.max_length) if ev else None, tr.label_names)
+    blocks = tokenize_causal(read_text_files(d.train, d.encoding), tokenizer, d.max_length)
+    if d.eval:
+        ev_blocks = tokenize_causal(read_text_files(d.eval, d.encoding), tokenizer, d.max_length)
+    else:
+        blocks, ev_blocks = split_blocks(blocks, d.eval_fraction)
+    if d.max_train_samples:
+        blocks.input_ids = blocks.input_ids[: d.max_train_samples]
+    if d.max_eval_samples:
+        ev_blocks.input_ids = ev_blocks.input_ids[: d.max_eval_samples]
+    return blocks, ev_blocks, None
+
+
+def evaluate_any(model: torch.nn.Module, data: TokenizedData, task: str, label_names: list[str] | None,
+                 batch_size: int) -> dict[str, Any]:
+    """Classifier metrics or LM perplexity, by task."""
+    if task == "classification":
+        return evaluate_classifier(model, data, label_names or [], batch_size)
+    return evaluate_causal_lm(model, data, max(1, batch_size // 8))
+
+
+def export_model(method: Any, model: torch.nn.Module, method_cfg: Any, ctx: MethodContext, tokenizer: Any,
+                 out: Path) -> torch.nn.Module:
+    """Write ``method.export(model, ...)`` and the tokenizer into ``out``; return the exported model.
+
+    Everything is written into ``out/.export-tmp`` first and then moved into place file by
+    file (replacing what is there): a crash during export loses nothing already in ``out``.
+    """
+    tmp = out / ".export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    final = method.export(model, method_cfg, tmp, ctx)
+    tokenizer.save_pretrained(tmp)
+    for p in tmp.iterdir():
+        dest = out / p.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(p, dest)
+    tmp.rmdir()
+    return final
+
+
+def run_finetune(recipe: Recipe) -> dict[str, Any]:
+    """Run a whole fine-tune as the recipe says; return the metrics written to ``metrics.json``."""
+    t, m = recipe.train, recipe.model
+    out = Path(recipe.output or "outputs/run")
+    out.mkdir(parents=True, exist_ok=True)
+    multi = distributed.init_distributed()  # no-op unless launched by torchrun
+    if distributed.is_main():
+        recipe.save(out / "recipe.yaml")
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    seed_everything(t.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
+    tokenizer = load_tokenizer(m.name, m.trust_remote_code)
+    train_data, eval_data, labels = prepare_data(recipe, tokenizer)
+    total_steps = plan_steps(len(train_data), t)
+    device = distributed.device() if multi else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # FSDP shards from the CPU copy (each shard goes to its device): the whole model never
+    # has to fit one device.
+    sharded = multi and t.fsdp
+    model = load_model(m.name, m.task, label_names=labels, dtype=m.dtype,
+                       trust_remote_code=m.trust_remote_code, pad_token_id=train_data.pad_id).to(
+                           "cpu" if sharded else device)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    metric = t.metric if t.metric != "auto" else ("accuracy" if m.task == "classification" else "loss")
+    before: dict[str, Any] = {}
+    if m.task == "causal-lm" and eval_data is not None and not sharded:
+        before = evaluate_any(model, eval_data, m.task, labels, t.eval_batch_size)
+        if distributed.is_main():
+            print(f"[slimtune] before training: perplexity {before['perplexity']:.3f}", file=sys.stderr)
+    method = get_method(recipe.method_name)
+    ctx = MethodContext(task=m.task, total_steps=total_steps, base_model=resolve(m.name))
+    model = method.apply(model, recipe.method, ctx)
+    params, trainable = count_params(model), count_params(model, trainable_only=True)
+    eval_fn = None
+    if eval_data is not None:
+        def eval_fn(mdl: torch.nn.Module) -> dict[str, Any]:
+            return evaluate_any(mdl, eval_data, m.task, labels, t.eval_batch_size)
+    summary = train(model, method, recipe.method, train_data, t, out, total_steps=total_steps,
+                    eval_fn=eval_fn, metric=metric, group_by_length=recipe.data.group_by_length)
+    if not distributed.is_main():
+        return {"rank": distributed.rank(), "train": summary}  # rank 0 exports and evaluates
+    final = export_model(method, model, recipe.method, ctx, tokenizer, out)
+    result: dict[str, Any] = {"task": m.task, "method": recipe.method_name, "base_model": m.name}
+    if eval_data is not None:
+        result.update(evaluate_any(final, eval_data, m.task, labels, t.eval_batch_size))
+        result["eval_file"] = recipe.data.eval or f"{recipe.data.train} (held-out {recipe.data.eval_fraction:.0%})"
+    if before:
+        result["perplexity_before"] = before["perplexity"]
+    result.update(params=params, trainable_params=trainable, plain_params=count_params(final),
+                  size_mb=weights_size_mb(out), peak_rss_mb=peak_rss_mb(), train=summary)
+    update_json(out / "metrics.json", result)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resumable state is done with
+    return result
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of runs: the summary printed at the end of a command."""
+    cols = [("run", "run"), ("method", "method"), ("accuracy", "acc"), ("macro_f1", "macro-F1"),
+            ("perplexity_before", "ppl before"), ("perplexity", "ppl"),
+            ("trainable_params", "trainable"), ("size_mb", "size MB"), ("samples_per_s", "samples/s"),
+            ("train_seconds", "train s"), ("peak_rss_mb", "peak RSS MB")]
+    present = [(k, h) for k, h in cols if any(_get(r, k) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in present) + " |", "|" + "---|" * len(present)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(_get(r, k)) for k, _ in present) + " |")
+    return "\n".join(lines)
+
+
+def _get(r: dict[str, Any], k: str) -> Any:
+    return r.get(k, r.get("train", {}).get(k))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 10 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def print_finetune_result(result: dict[str, Any], out: str) -> None:
+    """Print the evaluation report and the summary table (the entry point talks, not the library)."""
+    if "per_class" in result or "perplexity" in result:
+        print(format_report(result, title=f"evaluation on {result.get('eval_file')}"))
+    print()
+    print(results_table([{"run": out, **result}]))
