@@ -385,7 +385,7 @@ def test_saved_distill_recipe_round_trips(tmp_path: Path, capsys: pytest.Capture
     from tiny import make_tiny_bert, sentiment_rows, write_tsv
 
     from slimtune.cli.main import build_parser, main
-    from slimtune.compress.distill.recipe import distill_recipe_from_args
+    from slimtune.cli.distill import distill_recipe_from_args
     from slimtune.config.recipe import load_yaml, resolve
 
     teacher = make_tiny_bert(tmp_path / "teacher", layers=3)

@@ -23,7 +23,6 @@ Top-level imports are stdlib only (the CLI parser imports this module).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -161,8 +160,9 @@ def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
 def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
     """Validate a pipeline tree (see :func:`load_plan`)."""
     from slimtune.config.recipe import RecipeError, build_section, deep_merge, resolve
+    from slimtune.data.packaged import expand_tree
 
-    tree = dict(tree)
+    tree = expand_tree(dict(tree))  # packaged:NAME/SPLIT paths -> real files, for every stage and pipeline.yaml
     shared_keys = ("output", "model", "data", "train", "method")
     valid = [*shared_keys, "stages", *ORDER]
     for k in tree:
@@ -483,41 +483,5 @@ def _run_report(plan: Plan, cfg: ReportStage, models: dict[str, str], d: Path) -
 # --------------------------------------------------------------------------------------------
 
 
-def add_cli(subparsers: Any) -> None:
-    """Register ``slimtune run``."""
-    p = subparsers.add_parser(
-        "run", help="run a pipeline recipe: finetune → distill → prune → quantize → evaluate → bench → report",
-        description="Run the stages of a pipeline recipe (any subset, in order), each feeding the next; every "
-                    "stage's folder is kept (OUT/01-finetune, ...). Unchanged stages are skipped on re-runs "
-                    "(stage.json), so a failed run resumes where it stopped. See docs/pipeline.md.")
-    p.add_argument("recipe", help="pipeline recipe YAML")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. distill.student_layers=2 output=out/x")
-    p.add_argument("--force", action="store_true", help="rerun every stage even if unchanged")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the plan (which stages would run)")
-    p.set_defaults(func=cmd_run)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """``slimtune run`` entry point."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    plan = load_plan(args.recipe, args.overrides)
-    if args.dry_run:
-        print(f"{args.recipe}: OK; output {plan.output}")
-        for s in plan.stages:
-            d = plan.stage_dir(s)
-            state = json.loads((d / "stage.json").read_text()).get("status") if (d / "stage.json").is_file() else "new"
-            print(f"  {d.name:<14} {state}")
-        return 0
-    result = run_pipeline(plan, force=args.force)
-    for s in result["stages"]:
-        what = "skipped (unchanged)" if s.get("skipped") else f"ran in {s['seconds']:.0f} s"
-        print(f"{s['stage']:<10} {what}")
-    if result["rows"]:
-        from slimtune.report.html import markdown_table
-
-        print()
-        print(markdown_table(result["rows"]))
-        print(f"\nreport: {Path(result['output']) / 'report.html'}")
-    return 0

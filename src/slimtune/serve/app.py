@@ -16,13 +16,11 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 from slimtune.serve.batching import Batcher, ClientError, ServeConfig
 from slimtune.serve.metrics import Metrics
-from slimtune.serve.models import Runner, load_runner, warmup
+from slimtune.serve.models import Runner, load_runner
 
 # --------------------------------------------------------------------------------------------
 # HTTP app
@@ -237,42 +235,8 @@ def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str =
 # --------------------------------------------------------------------------------------------
 
 
-def cmd_serve(args: Any) -> int:
-    """Load the model, warm it up, and serve until interrupted."""
-    import uvicorn
-
-    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SystemExit(f"slimtune serve: {e}") from None
-    try:
-        runner = load_runner(args.model, cfg.threads, cfg.device)
-    except ValueError as e:
-        raise SystemExit(f"slimtune serve: {e}") from None
-    warmup(runner)
-    app = create_app(runner, cfg, model_name=Path(args.model).name)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
-        logging.getLogger("slimtune").warning("serving on %s without --api-key", args.host)
-    print(f"slimtune serve: {runner.task} ({runner.backend}, {runner.device}) from {args.model} on http://{args.host}:{args.port} "
-          f"(docs at /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
-    return 0
 
 
-def add_cli(subparsers: Any) -> None:
-    """Add ``slimtune serve``."""
-    p = subparsers.add_parser("serve", help="HTTP inference API with dynamic batching (see docs/serving.md)")
-    p.add_argument("--model", required=True, help="model folder written by slimtune (safetensors or model.onnx)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
-    for f in fields(ServeConfig):
-        tp = {"threads": int, "api_key": str}.get(f.name) or type(f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=tp, default=f.default,
-                       help=f"{f.metadata['help']} (default {f.default})")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
-    p.set_defaults(func=cmd_serve)
 
 
-__all__ = ["Batcher", "ClientError", "Metrics", "Runner", "ServeConfig", "add_cli", "create_app", "load_runner"]
+__all__ = ["Batcher", "ClientError", "Metrics", "Runner", "ServeConfig", "create_app", "load_runner"]
