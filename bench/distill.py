@@ -42,7 +42,8 @@ ART = Path("/work/artifacts")
 
 def run(name: str, out_root: Path, tree: dict[str, Any], distill: dict[str, Any], force: bool) -> dict[str, Any]:
     """One distillation run (skipped when its metrics.json exists)."""
-    from slimtune.compress.distill.recipe import DistillConfig, run_distill
+    from slimtune.compress.distill.recipe import run_distill
+    from slimtune.compress.distill.settings import DistillConfig
     from slimtune.config.recipe import build_section, resolve
 
     out = out_root / name
@@ -119,7 +120,7 @@ def latency(out_root: Path, teacher: Path) -> None:
     """Teacher vs students, bs 1, seq 128, 1 thread, interleaved (slimtune.benchmark.latency)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from slimtune.benchmark.latency import (
+    from slimtune.benchmark.timing import (
         hardware_fingerprint,
         measure_latency,
         sample_inputs,

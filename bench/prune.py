@@ -65,7 +65,7 @@ def build(args: argparse.Namespace, name: str, kw: dict) -> Path:
 def measure(args: argparse.Namespace, dirs: dict[str, Path]) -> dict[str, dict]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from slimtune.benchmark.latency import (
+    from slimtune.benchmark.timing import (
         hardware_fingerprint,
         measure_latency,
         sample_inputs,

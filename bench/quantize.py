@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slimtune.runtime.predict import predict_all, torch_predict
+
 
 def _torch_bytes(model: Any) -> float:
     """MB of a torch-only model's state (serialised in memory; never written or loaded)."""
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from slimtune.benchmark.latency import (
+    from slimtune.benchmark.timing import (
         hardware_fingerprint,
         measure_latency,
         sample_inputs,
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}
-    fp32 = B.Candidate("fp32", "torch", B.torch_predict(model), src, {})
+    fp32 = B.Candidate("fp32", "torch", torch_predict(model), src, {})
     rows["fp32"] = {"backend": "torch fp32", "size_mb": weights_size_mb(src)}
     cands = [fp32]
     onnx_fp32 = write_onnx_folder(model, out / "onnx-fp32", tok, optimize=True, quantize=False)
@@ -114,19 +116,19 @@ def main(argv: list[str] | None = None) -> int:
             q = quantize_(copy.deepcopy(model), cfg)
             save_quantized(q, out / name, cfg, tok)
             served = dequantize_(load_quantized(out / name))
-            cands.append(B.Candidate(name, "torch (decoded at load)", B.torch_predict(served), out / name))
+            cands.append(B.Candidate(name, "torch (decoded at load)", torch_predict(served), out / name))
             rows[name] = {"backend": "torch (decoded at load)", "size_mb": weights_size_mb(out / name)}
     print(f"[bench] built {len(cands)} variants in {time.perf_counter() - t0:.0f} s; evaluating", file=sys.stderr)
-    ref = B.predict_all(fp32.predict, data)
+    ref = predict_all(fp32.predict, data)
     acc32 = B.accuracy(ref, data.labels)
     for c in cands:
         if c.backend == "torchao":  # ~25x fp32 time: SQNR on 64 rows only, no accuracy
             sub = TokenizedData(data.input_ids[:64], data.token_type_ids[:64] if data.token_type_ids else None,
                                 data.labels[:64], data.pad_id)
-            rows[c.name].update(accuracy=None, sqnr_db=sqnr_db(ref[:64], B.predict_all(c.predict, sub)),
+            rows[c.name].update(accuracy=None, sqnr_db=sqnr_db(ref[:64], predict_all(c.predict, sub)),
                                 note="SQNR on the first 64 rows only (too slow for the full set)")
             continue
-        lg = ref if c is fp32 else B.predict_all(c.predict, data)
+        lg = ref if c is fp32 else predict_all(c.predict, data)
         rows[c.name].update(accuracy=B.accuracy(lg, data.labels), sqnr_db=sqnr_db(ref, lg) if c is not fp32 else None)
 
     for bs, reps in ((1, args.repeats), (8, max(5, args.repeats // 3))):

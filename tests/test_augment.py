@@ -7,21 +7,15 @@ import random
 from pathlib import Path
 
 import torch
-from tiny import WORDS, make_tiny_bert, sentiment_rows, write_tsv, write_vocab
-from transformers import BertTokenizerFast
+from tiny import WORDS, bert_tokenizer, sentiment_rows, write_tsv
 
 from slimtune.cli.main import main
 from slimtune.data.augment import AugmentConfig, augment_rows, augment_text, word_neighbours
 from slimtune.data.datasets import load_classification
 
 
-def _tokenizer(tmp_path: Path) -> BertTokenizerFast:
-    words = write_vocab(tmp_path / "vocab.txt").read_text().split()
-    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
-
-
-def test_neighbours_are_the_nearest_whole_words_by_cosine(tmp_path: Path) -> None:
-    tok = _tokenizer(tmp_path)
+def test_neighbours_are_the_nearest_whole_words_by_cosine() -> None:
+    tok = bert_tokenizer()  # the tiny BERT's lower-casing WordPiece vocabulary
     vocab = tok.get_vocab()
     emb = torch.randn(len(vocab), 16, generator=torch.Generator().manual_seed(0))
     emb[vocab["great"]] = emb[vocab["good"]] * 3 + 0.01  # same direction, other norm: cosine ~1
@@ -70,10 +64,10 @@ def test_augment_rows_makes_new_distinct_rows_and_swaps_pairs() -> None:
     assert len(augment_rows(texts, None, nb, AugmentConfig(copies=2, max_rows=1))) <= 2
 
 
-def test_cli_writes_a_transfer_set_that_distill_reads(tmp_path: Path) -> None:
-    teacher = make_tiny_bert(tmp_path / "teacher")
+def test_cli_writes_a_transfer_set_that_distill_reads(tmp_path: Path, tiny_assets, tiny_bert_dir: Path) -> None:
+    teacher = tiny_bert_dir
     rows = sentiment_rows(30)
-    train = write_tsv(tmp_path / "train.tsv", rows)
+    train = tiny_assets.tsv(30)
     out = tmp_path / "aug" / "train.aug.tsv"
     assert main(["augment", "--model", str(teacher), "--input", str(train), "--output", str(out),
                  "--copies", "3", "--neighbours", "4"]) == 0
@@ -98,8 +92,8 @@ def test_cli_writes_a_transfer_set_that_distill_reads(tmp_path: Path) -> None:
     assert m["transfer_set"]["added"] == m["transfer_set"]["read"] - m["transfer_set"]["duplicates"] > 0
 
 
-def test_cli_pairs_keep_their_column_names(tmp_path: Path) -> None:
-    teacher = make_tiny_bert(tmp_path / "teacher")
+def test_cli_pairs_keep_their_column_names(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    teacher = tiny_bert_dir
     src = tmp_path / "pairs.tsv"
     src.write_text("Quality\t#1 String\t#2 String\n1\tthe movie was good\ta good film\n0\tbad plot\tthe actor was happy\n")
     out = tmp_path / "pairs.aug.tsv"
@@ -109,9 +103,9 @@ def test_cli_pairs_keep_their_column_names(tmp_path: Path) -> None:
     assert aug.pairs is not None and ("a good film", "the movie was good") in set(zip(aug.texts, aug.pairs, strict=True))
 
 
-def test_cli_bad_input_exits_2_and_keeps_files(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    teacher = make_tiny_bert(tmp_path / "teacher")
-    train = write_tsv(tmp_path / "train.tsv", sentiment_rows(5))
+def test_cli_bad_input_exits_2_and_keeps_files(tmp_path: Path, capsys, tiny_bert_dir: Path) -> None:  # noqa: ANN001
+    teacher = tiny_bert_dir
+    train = write_tsv(tmp_path / "train.tsv", sentiment_rows(5))  # its own copy: the test tries to overwrite it
     before = train.read_text()
     base = ["augment", "--model", str(teacher)]
     assert main([*base, "--input", str(tmp_path / "missing.tsv"), "--output", str(tmp_path / "o.tsv")]) == 2

@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_bert, sentiment_rows, write_tsv  # noqa: E402
-
-from slimtune.config.recipe import RecipeError  # noqa: E402
-from slimtune.pipeline.search import CompressSettings, predict_size_mb, run_compress  # noqa: E402
+from slimtune.config.recipe import RecipeError
+from slimtune.pipeline.search import CompressSettings, predict_size_mb, run_compress
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("compress")
-    teacher = make_tiny_bert(root / "teacher", layers=2, hidden=32)
-    cfg = json.loads((teacher / "config.json").read_text())
-    cfg["id2label"], cfg["label2id"] = {"0": "neg", "1": "pos"}, {"neg": 0, "pos": 1}
-    (teacher / "config.json").write_text(json.dumps(cfg))
-    return {"root": root, "teacher": teacher,
-            "train": write_tsv(root / "train.tsv", [(t, ["neg", "pos"][y]) for t, y in sentiment_rows(96)]),
-            "eval": write_tsv(root / "eval.tsv", [(t, ["neg", "pos"][y]) for t, y in sentiment_rows(40, 1)]),
-            "test": write_tsv(root / "test.tsv", [(t, ["neg", "pos"][y]) for t, y in sentiment_rows(40, 2)])}
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_assets) -> dict[str, Path]:
+    """A tiny BERT teacher with labels neg/pos and sentiment files labelled by those names."""
+    names = ("neg", "pos")
+    return {"root": tmp_path_factory.mktemp("compress"),
+            "teacher": tiny_assets.bert(layers=2, hidden=32, id2label={0: "neg", 1: "pos"}),
+            "train": tiny_assets.tsv(96, names=names), "eval": tiny_assets.tsv(40, 1, names=names),
+            "test": tiny_assets.tsv(40, 2, names=names)}
 
 
 def _settings(setup: dict[str, Path], out: str, **kw: object) -> CompressSettings:
@@ -88,7 +81,7 @@ def test_compress_contract_then_honest_miss(setup: dict[str, Path]) -> None:
     assert main(["evaluate", "--model", str(out / "best"), "--eval", str(setup["test"]),
                  "--output", str(out / "ev.json"), "--max-length", "32"]) == 0
     assert json.loads((out / "ev.json").read_text())["accuracy"] == pytest.approx(best["test_accuracy"])
-    from slimtune.compress.quant.recipe import load_classifier
+    from slimtune.runtime.classifier import load_classifier
 
     assert load_classifier(out / "best")([[2, 5, 6, 3]]).shape == (1, 2)
 

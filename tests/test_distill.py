@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from tiny import bert_classifier, llama_lm
+from transformers import BertForSequenceClassification, LlamaForCausalLM
 
 from slimtune.compress.distill.cache import teacher_cache
 from slimtune.compress.distill.losses import (
@@ -21,12 +22,12 @@ from slimtune.compress.distill.losses import (
     uniform_hidden_map,
 )
 from slimtune.compress.distill.recipe import (
-    DistillConfig,
     DistillLoss,
     attach_projection,
     detach_projection,
     intermediate_maps,
 )
+from slimtune.compress.distill.settings import DistillConfig
 from slimtune.compress.distill.student import build_student, parse_layer_map, uniform_layer_map
 from slimtune.config.recipe import RecipeError, TrainConfig
 from slimtune.data.datasets import TokenizedData, collate
@@ -36,19 +37,15 @@ from slimtune.train.loop import train
 
 
 def tiny_bert(layers: int = 4, hidden: int = 32, vocab: int = 100, seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
-                     vocab_size=vocab, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg).eval()
+    """No dropout, 512 positions, FFN 64 whatever the width."""
+    return bert_classifier(vocab_size=vocab, hidden=hidden, layers=layers, intermediate=64, max_positions=512,
+                           seed=seed, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).eval()
 
 
 def tiny_llama(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=100, tie_word_embeddings=True)
-    cfg.layer_types = ["full_attention"] * layers  # per-layer lists must be sliced
-    cfg.per_layer_tag = list(range(10, 10 + layers))  # a per-layer list whose values tell layers apart
-    return LlamaForCausalLM(cfg).eval()
+    return llama_lm(layers=layers, intermediate=64, max_positions=2048, seed=seed, tie_word_embeddings=True,
+                    layer_types=["full_attention"] * layers,  # per-layer lists must be sliced
+                    per_layer_tag=list(range(10, 10 + layers))).eval()  # values that tell layers apart
 
 
 def cls_data(n: int = 24, seed: int = 0) -> TokenizedData:
@@ -335,17 +332,16 @@ def test_distill_student_alias_without_its_package(monkeypatch: pytest.MonkeyPat
 # ---------------------------------------------------------------------------- end to end (CLI)
 
 
+@pytest.mark.needs_assets("minilm")
 def test_cli_distill_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from slimtune.cli.main import main
     from slimtune.models.loading import load_tokenizer
 
     monkeypatch.setenv("SLIMTUNE_NO_PROGRESS", "1")
-    tok = load_tokenizer("minilm")
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-                     vocab_size=tok.vocab_size, num_labels=2, id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
+    tok = load_tokenizer("minilm")  # the packaged MiniLM's tokenizer on a tiny random 4-layer teacher
     teacher_dir = tmp_path / "teacher"
-    BertForSequenceClassification(cfg).save_pretrained(teacher_dir)
+    bert_classifier(vocab_size=tok.vocab_size, layers=4, intermediate=64, max_positions=512,
+                    id2label={0: "0", 1: "1"}).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     rows = ["sentence\tlabel"] + [f"{w} movie number {i}\t{int(w == 'great')}"
                                   for i, w in enumerate(["great", "awful"] * 20)]
@@ -380,16 +376,14 @@ def test_cli_distill_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert main([*common, "--output", str(tmp_path / "bad"), "--logit-loss", "l1"]) == 2
 
 
-def test_saved_distill_recipe_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_saved_distill_recipe_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_assets) -> None:
     """OUT/recipe.yaml of slimtune distill: validate accepts it, distill --config reads the same settings."""
-    from tiny import make_tiny_bert, sentiment_rows, write_tsv
-
-    from slimtune.cli.main import build_parser, main
     from slimtune.cli.distill import distill_recipe_from_args
+    from slimtune.cli.main import build_parser, main
     from slimtune.config.recipe import load_yaml, resolve
 
-    teacher = make_tiny_bert(tmp_path / "teacher", layers=3)
-    train_tsv = write_tsv(tmp_path / "train.tsv", sentiment_rows(24))
+    teacher = tiny_assets.bert(layers=3)
+    train_tsv = tiny_assets.tsv(24)
     out = tmp_path / "student"
     assert main(["distill", "--teacher", str(teacher), "--train", str(train_tsv), "--output", str(out),
                  "--student-layer-map", "0,2", "--alpha", "0.3", "--temperature", "1.5", "--kl-direction", "reverse",
@@ -419,6 +413,7 @@ def test_saved_distill_recipe_round_trips(tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.slow
+@pytest.mark.needs_assets("minilm")
 def test_real_minilm_student_from_packaged_encoder() -> None:
     """MiniLM-L6 (packaged): 6 kept layers reproduce it; 3 kept layers carry layers 0, 2, 5."""
     from slimtune.models.loading import load_model, load_tokenizer
@@ -464,12 +459,12 @@ def test_unlabelled_rows_learn_from_the_teacher_only() -> None:
     assert torch.allclose(loss, 0.5 * soft_kl(s, t, 2.0), atol=1e-6)
 
 
-def test_cli_transfer_set_adds_unlabelled_rows_and_drops_duplicates(tmp_path: Path) -> None:
-    from tiny import make_tiny_bert, sentiment_rows, write_tsv
+def test_cli_transfer_set_adds_unlabelled_rows_and_drops_duplicates(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    from tiny import sentiment_rows, write_tsv
 
     from slimtune.cli.main import main
 
-    teacher_dir = make_tiny_bert(tmp_path / "teacher")
+    teacher_dir = tiny_bert_dir
     rows = sentiment_rows(40)
     write_tsv(tmp_path / "train.tsv", rows)
     write_tsv(tmp_path / "dev.tsv", rows[:10])
@@ -491,16 +486,16 @@ def test_cli_transfer_set_adds_unlabelled_rows_and_drops_duplicates(tmp_path: Pa
     assert main([*common, "--output", str(tmp_path / "b2"), "--unlabeled", str(tmp_path / "nope.tsv")]) == 2
 
 
-def test_transfer_set_extends_teacher_and_student_data_alike(tmp_path: Path) -> None:
+def test_transfer_set_extends_teacher_and_student_data_alike(tmp_path: Path, tiny_bert_dir: Path) -> None:
     """Two tokenizations (teacher's, student's) get the same kept rows, in the same order, label -100."""
-    from tiny import make_tiny_bert, sentiment_rows, write_tsv
+    from tiny import sentiment_rows, write_tsv
 
     from slimtune.compress.distill.recipe import add_transfer_set
     from slimtune.config.recipe import resolve
     from slimtune.data.datasets import DataError, load_classification, tokenize_classification
     from slimtune.models.loading import load_tokenizer
 
-    tok = load_tokenizer(str(make_tiny_bert(tmp_path / "m")))
+    tok = load_tokenizer(str(tiny_bert_dir))
     rows = sentiment_rows(12)
     write_tsv(tmp_path / "train.tsv", rows)
     write_tsv(tmp_path / "unl.tsv", sentiment_rows(12, seed=1) + rows[:3])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import SPECIALS, bert_classifier, bert_tokenizer, tiny_model
 
 from slimtune.config.recipe import RecipeError, TrainConfig
 from slimtune.data.datasets import TokenizedData
@@ -28,7 +28,9 @@ STEPS = 4
 # Methods whose model equals the base model right after apply (adapters start as identity).
 IDENTITY_AT_INIT = {"full", "lora", "adalora", "ia3", "adapters"}
 # Methods whose export merges the adapter into the weights (compared at 1e-4, not 1e-5).
-MERGING = {"lora", "adalora", "ia3"}
+MERGING = {"lora", "adalora", "ia3", "qlora"}
+# Methods whose PEFT adapter was trained over a 4-bit NF4 base (QLoRA).
+NF4_BASE = {"qlora"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,7 +122,15 @@ def test_method_matrix(name: str, arch: str, base_dirs: dict[str, str], tmp_path
     if (out / "adapter" / "adapter_config.json").is_file():  # PEFT adapter onto a fresh base
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(load_model(base_dir, TASK[arch]), out / "adapter")
+        fresh = load_model(base_dir, TASK[arch])
+        if name in NF4_BASE:  # trained over NF4-rounded base weights: round the fresh base the same way
+            from slimtune.compress.quant.codebook import decode_nf4, encode_nf4
+            from slimtune.methods.lora import default_target_modules
+
+            mods = dict(fresh.named_modules())
+            for n in default_target_modules(fresh):
+                mods[n].weight.data = decode_nf4(*encode_nf4(mods[n].weight.data, cfg.block_size))
+        peft_model = PeftModel.from_pretrained(fresh, out / "adapter")
         torch.testing.assert_close(_out(peft_model), trained, atol=1e-4, rtol=0)
 
 
@@ -199,15 +209,10 @@ def test_sharing_groups() -> None:
 
 @pytest.mark.parametrize("embedding_rank", [0, 8])
 def test_sharing_stores_once_and_reloads_exactly(embedding_rank: int, tmp_path: Path) -> None:
-    from transformers import BertConfig, BertForSequenceClassification
-
     from slimtune.methods.sharing import find_layers
 
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=6, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
     base = tmp_path / "base"
-    BertForSequenceClassification(cfg).save_pretrained(base)
+    bert_classifier(layers=6).save_pretrained(base)  # 6 layers of hidden 32, vocabulary 100
     method, mcfg, ctx, model = _apply("sharing", "bert", str(base), groups=3, embedding_rank=embedding_rank)
     _, layers = find_layers(model)
     assert layers[0].attention.self.query.weight is layers[1].attention.self.query.weight
@@ -240,21 +245,17 @@ def test_sharing_mean_init_is_the_mean(base_dirs: dict[str, str]) -> None:
 @pytest.mark.parametrize("name", ["adapters", "sharing"])
 def test_finetune_then_evaluate_custom_format(name: str, tmp_path: Path) -> None:
     """``slimtune finetune`` -> ``slimtune evaluate --model DIR`` on the methods' own formats."""
-    from transformers import BertTokenizerFast
-
     from slimtune.config.recipe import resolve
     from slimtune.evaluate.evaluator import run_evaluate
     from slimtune.train.finetune import run_finetune
 
     words = [f"w{i}" for i in range(90)]
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     base = tmp_path / "base"
     model = _tiny("bert")
     model.config.vocab_size = 95
     model.resize_token_embeddings(95)
     model.save_pretrained(base)
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(base)
+    bert_tokenizer([*SPECIALS, *words]).save_pretrained(base)
     rows = ["sentence\tlabel"] + [f"{' '.join(words[(i * 7 + j) % 90] for j in range(5))}\t{i % 2}" for i in range(24)]
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
     recipe = resolve({"output": str(tmp_path / "out"), "model": {"name": str(base)},

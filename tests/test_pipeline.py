@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_tiny_bert, sentiment_rows, write_tsv  # noqa: E402
-
-from slimtune.config.recipe import RecipeError  # noqa: E402
-from slimtune.pipeline.run import fingerprint, run_pipeline, stage_key, validate_tree  # noqa: E402
+from slimtune.config.recipe import RecipeError
+from slimtune.pipeline.run import fingerprint, run_pipeline, stage_key, validate_tree
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipe")
-    return {"root": root, "model": make_tiny_bert(root / "base", layers=2, hidden=32),
-            "train": write_tsv(root / "train.tsv", sentiment_rows(64)),
-            "eval": write_tsv(root / "eval.tsv", sentiment_rows(24, 1)),
-            "test": write_tsv(root / "test.tsv", sentiment_rows(24, 2))}
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_assets, tiny_bert_dir: Path) -> dict[str, Path]:
+    return {"root": tmp_path_factory.mktemp("pipe"), "model": tiny_bert_dir,  # 2 layers, hidden 32
+            "train": tiny_assets.tsv(64), "eval": tiny_assets.tsv(24, 1), "test": tiny_assets.tsv(24, 2)}
 
 
 def _tree(files: dict[str, Path], out: str = "out") -> dict:
@@ -102,23 +95,23 @@ def test_stage_key_changes_with_config_and_inputs(tmp_path: Path) -> None:
 
 
 def test_full_chain_then_skip_then_resume(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import slimtune.compress.quant.recipe
+    import slimtune.pipeline.run
 
     plan = validate_tree(_tree(files))
     out = plan.output
     # 1. the quantize stage fails: earlier stages are done and kept, the run stops there
-    real = slimtune.compress.quant.recipe.run_quantize
+    real = slimtune.pipeline.run.run_quantize
 
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(slimtune.compress.quant.recipe, "run_quantize", boom)
+    monkeypatch.setattr(slimtune.pipeline.run, "run_quantize", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pipeline(plan, log=lambda m: None)
     for s in ("01-finetune", "02-distill", "03-prune"):
         assert json.loads((out / s / "stage.json").read_text())["status"] == "done"
     assert json.loads((out / "04-quantize" / "stage.json").read_text())["status"] == "running"
-    monkeypatch.setattr(slimtune.compress.quant.recipe, "run_quantize", real)
+    monkeypatch.setattr(slimtune.pipeline.run, "run_quantize", real)
     # 2. rerun: resumes at quantize, finishes the chain
     result = run_pipeline(plan, log=lambda m: None)
     ran = {s["stage"]: s["skipped"] for s in result["stages"]}

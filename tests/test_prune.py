@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_prune import make_classifier_dir, make_tsv
+from tiny import keyword_rows, make_prune_bert, write_tsv
 
 from slimtune.compress.prune.recipe import PruneSettings, prune_to_dir
 from slimtune.methods import MethodContext, get_method
@@ -30,9 +30,10 @@ TEXTS = ["the movie was not good", "boring acting and dull stories", "a charming
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Character-level tiny BERT (labels '0'/'1'), 96 training and 32 eval rows: label 1 iff 'good'/'great'."""
     root = tmp_path_factory.mktemp("prune")
-    return {"model": make_classifier_dir(root / "base"), "train": make_tsv(root / "train.tsv", 96),
-            "eval": make_tsv(root / "eval.tsv", 32, seed=1), "root": root}
+    return {"model": make_prune_bert(root / "base"), "train": write_tsv(root / "train.tsv", keyword_rows(96)),
+            "eval": write_tsv(root / "eval.tsv", keyword_rows(32, seed=1)), "root": root}
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers_quantize import tiny_bert
+from tiny import llama_lm
+from tiny import quant_bert as tiny_bert
 from torch import nn
 
 from slimtune.compress.quant.api import (
@@ -245,13 +246,8 @@ def test_compact_file_is_small(tmp_path) -> None:
 
 
 def test_tied_embeddings_roundtrip(tmp_path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True,
-                      architectures=["LlamaForCausalLM"])
-    q = quantize_(LlamaForCausalLM(cfg).eval(), Int4WeightConfig())
+    model = llama_lm(hidden=64, max_positions=2048, tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    q = quantize_(model.eval(), Int4WeightConfig())
     assert isinstance(q.lm_head, nn.Linear)  # tied to the input embedding: left in float
     save_quantized(q, tmp_path, Int4WeightConfig())
     r = load_quantized(tmp_path)

@@ -6,18 +6,20 @@ import json
 
 import pytest
 import torch
-from helpers_quantize import tiny_eval_tsv, tiny_model_dir
+from tiny import make_quant_bert, random_label_rows, write_tsv
 
 from slimtune.cli.main import main
-from slimtune.compress.quant.recipe import QuantizeError, load_classifier, make_config
+from slimtune.compress.quant.recipe import QuantizeError, make_config
+from slimtune.runtime.classifier import load_classifier
 
 FAST = ["--seq-len", "16", "--repeats", "3"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """(folder, tiny classifier folder with labels c0/c1, 40-row eval TSV with random labels)."""
     tmp = tmp_path_factory.mktemp("cli")
-    return tmp, tiny_model_dir(tmp), tiny_eval_tsv(tmp)
+    return tmp, make_quant_bert(tmp), write_tsv(tmp / "eval.tsv", random_label_rows(40))
 
 
 def _run(capsys, *args: str) -> tuple[int, str]:

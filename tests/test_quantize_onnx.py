@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers_quantize import tiny_bert, tiny_tokenizer
+from tiny import quant_bert as tiny_bert
+from tiny import quant_tokenizer as tiny_tokenizer
 
 pytest.importorskip("onnxruntime")
 

@@ -1,6 +1,6 @@
 """Serving: validation (every bad input is a 4xx, server healthy after), batching, 503, API key, generate.
 
-Tiny random models are built in-process (a WordPiece vocab written to a tmp dir), served through
+Tiny random models are built in-process by ``tiny.py`` over this file's word list, served through
 FastAPI's TestClient, which runs the app's lifespan (so the real batcher thread runs).
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import SPECIALS, make_tiny_bert, make_tiny_llama
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -24,40 +25,19 @@ WORDS = "good great fine love bad awful boring movie film plot the a is was and 
 
 
 def _bert_folder(out: Path, id2label: dict[int, str] | None = None) -> Path:
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    """Tiny BERT classifier (labels negative/positive) over the words above."""
+    from transformers import AutoTokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ","]) + "\n")
-    tok = BertTokenizerFast(vocab=str(out / "vocab.txt"), do_lower_case=True)  # transformers 5: `vocab`
-    assert tok.unk_token_id not in tok("good film")["input_ids"]  # the vocab really loaded
-    torch.manual_seed(0)
     id2label = id2label or {0: "negative", 1: "positive"}
-    cfg = BertConfig(vocab_size=len(WORDS) + 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=len(id2label),
-                     id2label=id2label, label2id={v: k for k, v in id2label.items()})
-    BertForSequenceClassification(cfg).eval().save_pretrained(out)
-    tok.save_pretrained(out)
+    make_tiny_bert(out, num_labels=len(id2label), vocab=[*SPECIALS, *WORDS, ".", ","], id2label=id2label)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.unk_token_id not in tok("good film")["input_ids"]  # the vocab really loaded
     return out
 
 
 def _llama_folder(out: Path) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS, ".", ","])}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).eval().save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    """Tiny Llama LM (64 positions) over the words above; EOS is token 2."""
+    return make_tiny_llama(out, vocab=["<unk>", "<s>", "</s>", *WORDS, ".", ","], max_positions=64)
 
 
 @pytest.fixture(scope="module")

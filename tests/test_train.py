@@ -1,7 +1,9 @@
-"""The training loop: schedules, accumulation, determinism, non-finite loss, kill -9 + resume."""
+"""The training loop: schedules, accumulation, determinism, non-finite loss, kill -9 + resume;
+autocast precisions, gradient clipping and gradient checkpointing against torch references."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -12,10 +14,9 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import make_tiny_bert, sentiment_rows, write_tsv
 
 from slimtune.config.recipe import TrainConfig
-from slimtune.data.datasets import load_classification, tokenize_classification
+from slimtune.data.datasets import collate, epoch_batches, load_classification, tokenize_classification
 from slimtune.methods import get_method
 from slimtune.models.loading import load_model, load_tokenizer
 from slimtune.train.loop import NonFiniteLossError, lr_lambda, plan_steps, train
@@ -24,12 +25,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SLIMTUNE_NO_PROGRESS": "1"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_bert(root / "bert")
-    train_f = write_tsv(root / "train.tsv", sentiment_rows(400, seed=1))
-    eval_f = write_tsv(root / "eval.tsv", sentiment_rows(100, seed=2))
-    return model, train_f, eval_f
+def tiny(tiny_bert_dir, tiny_assets):
+    """(tiny BERT folder, 400 training rows, 100 eval rows)."""
+    return tiny_bert_dir, tiny_assets.tsv(400, seed=1), tiny_assets.tsv(100, seed=2)
 
 
 def _setup(tiny, **cfg):
@@ -170,3 +168,182 @@ def test_kill_9_and_resume_gives_identical_result(tiny, tmp_path):
     steps_logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
                     if "train/loss" in x]
     assert steps_logged == sorted(set(steps_logged))
+
+
+# --------------------------------------------------------------------------------------------
+# Precision, clipping, checkpointing: the loop's numbers against plain torch
+# --------------------------------------------------------------------------------------------
+
+
+class _GradSpy:
+    """The ``full`` method, keeping a copy of every step's gradients: ``on_step_end`` runs after
+    the optimizer step and before ``zero_grad``, so ``.grad`` is what the step used (unscaled,
+    clipped)."""
+
+    def __init__(self) -> None:
+        self.method = get_method("full")
+        self.name, self.config_cls = self.method.name, self.method.config_cls
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_step_end(self, model, cfg, step):
+        self.method.on_step_end(model, cfg, step)
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def _global_norm(grads: dict[str, torch.Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+
+
+def _run(tiny, out, steps, dropout=False, before_train=None, **cfg):
+    """Train ``steps`` steps (no length grouping); return (model, spy, per-step losses, logits dtypes)."""
+    model, data, t = _setup(tiny, max_steps=steps, warmup_ratio=0.0, log_every=1, **cfg)
+    if not dropout:
+        _no_dropout(model)
+    if before_train is not None:
+        before_train(model)
+    spy, losses, dtypes = _GradSpy(), [], []
+
+    def loss_fn(mdl, batch):
+        out = mdl(**batch)
+        losses.append(out.loss.item())
+        dtypes.append(out.logits.dtype)
+        return out.loss
+
+    train(model, spy, spy.config_cls(), data, t, out, total_steps=steps, loss_fn=loss_fn, group_by_length=False)
+    return model, spy, losses, dtypes
+
+
+def _first_batch(tiny, batch_size):
+    """The examples of the loop's first step (no grouping, seed 42, epoch 0), collated."""
+    _, data, t = _setup(tiny, batch_size=batch_size)
+    return collate(data, epoch_batches(data.lengths(), batch_size, t.seed, 0, group_by_length=False)[0])
+
+
+def test_max_grad_norm_clips_the_global_norm_to_the_cap_like_torch(tiny, tmp_path):
+    cap = 0.05
+    model, _, _ = _setup(tiny)
+    _no_dropout(model)
+    ref = copy.deepcopy(model)  # the reference: one plain backward on the same batch, torch's clipping
+    ref.train()
+    ref(**_first_batch(tiny, 16)).loss.backward()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    unclipped = torch.nn.utils.clip_grad_norm_(params, cap).item()
+    assert unclipped > 4 * cap  # the cap binds: the check below can fail
+
+    _, spy, _, _ = _run(tiny, tmp_path / "clip", 1, max_grad_norm=cap)
+    got = spy.grads[0]
+    assert _global_norm(got) == pytest.approx(cap, rel=1e-4)
+    assert got.keys() == {n for n, p in ref.named_parameters() if p.grad is not None}
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-7, rtol=1e-4, msg=n)
+
+    _, spy, _, _ = _run(tiny, tmp_path / "noclip", 1, max_grad_norm=0.0)  # 0 disables clipping
+    assert _global_norm(spy.grads[0]) == pytest.approx(unclipped, rel=1e-4)
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_autocast_precision_matches_fp32_within_its_rounding(tiny, tmp_path, precision, dtype):
+    """train.precision autocasts the forward (CPU: ``auto`` is fp32); bf16 and fp16 runs track the
+    fp32 run step by step, and are not bit-identical to it (the cast really happens)."""
+    steps = 4
+    ref_model, ref_spy, ref_losses, ref_dtypes = _run(tiny, tmp_path / "fp32", steps, precision="fp32")
+    assert ref_dtypes == [torch.float32] * steps
+    model, spy, losses, dtypes = _run(tiny, tmp_path / precision, steps, precision=precision)
+    assert dtypes == [dtype] * steps
+    assert losses == pytest.approx(ref_losses, abs=2e-3)
+    assert all(_global_norm(g) > 0 for g in spy.grads)
+    ref_w, w = ref_model.state_dict(), model.state_dict()
+    diff = max((w[k] - ref_w[k]).abs().max().item() for k in ref_w)
+    if precision == "auto":
+        assert diff == 0.0
+    else:
+        assert 0.0 < diff < 1e-2, diff
+
+
+def test_fp16_on_cpu_scales_the_loss_and_unscales_before_the_step(tiny, tmp_path):
+    """fp16 is not refused on CPU: autocast runs in float16 and a GradScaler (init scale 2**16)
+    scales the backward; the optimizer sees gradients equal to fp32's, to fp16 rounding."""
+    raw = {}
+
+    def hook(name):
+        def record(model):
+            p = model.classifier.weight
+            p.register_hook(lambda g: raw.setdefault(name, g.detach().clone()))
+        return record
+
+    _, ref_spy, _, _ = _run(tiny, tmp_path / "fp32", 1, precision="fp32", max_grad_norm=0.0,
+                            before_train=hook("fp32"))
+    _, spy, _, dtypes = _run(tiny, tmp_path / "fp16", 1, precision="fp16", max_grad_norm=0.0,
+                             before_train=hook("fp16"))
+    assert dtypes == [torch.float16]
+    ratio = (raw["fp16"].float().norm() / raw["fp32"].norm()).item()
+    assert ratio == pytest.approx(2.0 ** 16, rel=1e-2)  # the backward ran on the scaled loss
+    got, ref = spy.grads[0], ref_spy.grads[0]
+    assert got.keys() == ref.keys()
+    for n in ref:  # ...and the step used unscaled gradients
+        torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=2e-2, msg=n)
+
+
+def test_gradient_checkpointing_recomputes_and_keeps_losses_and_gradients(tiny, tmp_path):
+    """Same seed, dropout on: with checkpointing each encoder layer's inside runs twice a step
+    (forward, then again in backward) and every loss, gradient and final weight equals the plain
+    run's. (Transformers checkpoints the layer's ``forward``: hooks on the layer itself fire once;
+    its submodules' fire on the recomputation too.)"""
+    steps = 3
+    runs = {}
+    for ckpt in (False, True):
+        calls = []
+
+        def prepare(model, ckpt=ckpt, calls=calls):
+            if ckpt:
+                model.gradient_checkpointing_enable()
+            model.bert.encoder.layer[0].intermediate.register_forward_hook(lambda *a: calls.append(1))
+
+        model, spy, losses, _ = _run(tiny, tmp_path / str(ckpt), steps, dropout=True, before_train=prepare)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == ckpt
+        runs[ckpt] = (len(calls), losses, spy.grads, model.state_dict())
+    (n0, l0, g0, w0), (n1, l1, g1, w1) = runs[False], runs[True]
+    assert (n0, n1) == (steps, 2 * steps)
+    assert l1 == pytest.approx(l0, abs=1e-6)
+    for a, b in zip(g0, g1, strict=True):
+        assert a.keys() == b.keys()
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], atol=1e-6, rtol=1e-5, msg=n)
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_finetune_model_gradient_checkpointing_flag_turns_it_on(tiny, tmp_path, monkeypatch):
+    """``model.gradient_checkpointing=true`` through ``slimtune finetune``: each encoder layer's
+    feed-forward runs twice per step and the exported weights equal those of the run without it."""
+    from torch.nn.modules.module import register_module_forward_hook
+    from transformers.models.bert.modeling_bert import BertIntermediate
+
+    from slimtune.cli.main import main
+
+    monkeypatch.setenv("SLIMTUNE_NO_PROGRESS", "1")
+    model_dir, train_f, _ = tiny
+    calls = {"n": 0}
+
+    def count(module, args, output):
+        if isinstance(module, BertIntermediate):
+            calls["n"] += 1
+
+    handle = register_module_forward_hook(count)
+    threads = torch.get_num_threads()
+    n = {}
+    try:
+        for flag in ("false", "true"):
+            calls["n"] = 0
+            assert main(["finetune", "--model", str(model_dir), "--train", str(train_f), "--output",
+                         str(tmp_path / flag), "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3",
+                         f"model.gradient_checkpointing={flag}", "train.tensorboard=false"]) == 0
+            n[flag] = calls["n"]
+    finally:
+        handle.remove()
+        torch.set_num_threads(threads)
+    assert n == {"false": 3 * 2, "true": 2 * 3 * 2}  # 3 steps x 2 layers, twice with recomputation
+    a, b = (load_file(str(tmp_path / f / "model.safetensors")) for f in ("false", "true"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import os
 
-from slimtune.config.recipe import RecipeError
+from slimtune.config.fields import RecipeError
 from slimtune.data.augment import AugmentConfig, run_augment
 
 

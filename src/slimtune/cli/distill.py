@@ -11,7 +11,8 @@ from slimtune.cli.recipe_flags import (
     recipe_from_args,
     relaunch_training,
 )
-from slimtune.compress.distill.recipe import DistillConfig, run_distill
+from slimtune.compress.distill.recipe import run_distill
+from slimtune.compress.distill.settings import DistillConfig
 from slimtune.train import distributed
 from slimtune.train.finetune import print_finetune_result
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slimtune.config.recipe import RecipeError
+from slimtune.config.fields import RecipeError
 from slimtune.data.datasets import DataError
 from slimtune.models.loading import ModelError
 from slimtune.train.loop import NonFiniteLossError

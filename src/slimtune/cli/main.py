@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("slimtune.cli.run", "run a pipeline recipe: finetune → distill → prune → quantize → evaluate → bench → report"),
     "serve": ("slimtune.cli.serve", "HTTP inference API with dynamic batching (see docs/serving.md)"),
     "compress": ("slimtune.cli.compress", "search distillation x pruning x int8 for the smallest/fastest model within an accuracy drop"),
+    "generate": ("slimtune.cli.generate", "generate text with a causal LM (prompt, chat on stdin, or JSONL in/out; streamed)"),
 }
 
 
@@ -58,10 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     args.argv = argv  # --nproc re-launches this command
     from slimtune.cli.errors import USER_ERRORS  # after parsing: it loads torch (slow for --help)
+    from slimtune.data.packaged import expand_args  # after parsing, like USER_ERRORS
 
     try:
-        from slimtune.data.packaged import expand_args
-
         return int(args.func(expand_args(args)) or 0)  # packaged:NAME/SPLIT flag values -> real files
     except USER_ERRORS as e:
         print(f"slimtune {args.command}: error: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ import os
 from slimtune.compress.prune.recipe import PruneSettings, run_prune
 from slimtune.compress.prune.structured import StructuredPruneError
 from slimtune.compress.prune.vocab import VocabPruneError
-from slimtune.config.recipe import RecipeError
+from slimtune.config.fields import RecipeError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -168,11 +168,24 @@ def check_ranges(obj: Any, prefix: str) -> None:
             key = _key(prefix, f)
             if isinstance(x, float) and not math.isfinite(x):
                 raise RecipeError(f"{key}: must be a finite number, got {x}")
-            m = f.metadata
-            for bound, ok, word in (("ge", x >= (m.get("ge") or 0), ">="), ("gt", x > (m.get("gt") or 0), ">"),
-                                    ("le", x <= (m.get("le") or 0), "<="), ("lt", x < (m.get("lt") or 0), "<")):
-                if m.get(bound) is not None and not ok:
-                    raise RecipeError(f"{key}: must be {word} {m[bound]}, got {x}")
+            if not _in_range(x, f.metadata):
+                raise RecipeError(f"{key}: must be {_range_text(f.metadata)}, got {x}")
+
+
+def _in_range(x: float, m: Any) -> bool:
+    return ((m.get("ge") is None or x >= m["ge"]) and (m.get("gt") is None or x > m["gt"])
+            and (m.get("le") is None or x <= m["le"]) and (m.get("lt") is None or x < m["lt"]))
+
+
+def _range_text(m: Any) -> str:
+    """'in [0, 1)', '>= 1', '> 0': the declared range in words."""
+    lo = ("[", m["ge"]) if m.get("ge") is not None else ("(", m["gt"]) if m.get("gt") is not None else None
+    hi = ("]", m["le"]) if m.get("le") is not None else (")", m["lt"]) if m.get("lt") is not None else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    return f"{'<=' if hi[0] == ']' else '<'} {hi[1]}"  # type: ignore[index]
 
 
 def _key(prefix: str, f: dataclasses.Field) -> str:

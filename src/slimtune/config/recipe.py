@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from slimtune.compress.distill.settings import DistillConfig
 from slimtune.config.fields import (  # noqa: F401 (load_yaml ... deep_merge: re-exported, the recipe API)
     RecipeError,
     build_section,
@@ -29,6 +30,7 @@ from slimtune.config.fields import (  # noqa: F401 (load_yaml ... deep_merge: re
     set_path,
     setting,
 )
+from slimtune.io import atomic_write_text
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -62,6 +64,9 @@ class DataConfig:
     eval_fraction: float = setting(0.05, "causal-lm only: fraction of the training text held out when no eval file is given.", gt=0, lt=1)
     group_by_length: bool = setting(True, "Batch examples of similar length together (less padding, same randomness across epochs).")
     encoding: str = setting("utf-8", "Text encoding of the data files (e.g. latin-1).")
+    format: Literal["auto", "text", "chat", "alpaca", "prompt-completion"] = setting("auto", "causal-lm data shape. auto: .txt is raw text; JSONL/JSON by its first row's keys (messages: chat, instruction + output: alpaca, prompt + completion). Chat/instruction data trains on the answers only (docs/llm.md).")
+    chat_template: Literal["auto", "model", "fallback", "none"] = setting("auto", "Chat/instruction data: how conversations are rendered. auto: the tokenizer's template, else slimtune's fallback (### User: / ### Assistant:); model; fallback; none: contents concatenated, EOS after each answer.")
+    packing: bool = setting(False, "Chat/instruction data: pack whole training examples into blocks of max_length tokens (position ids restart per example, so attention stays within each example).")
 
 
 @dataclass
@@ -73,7 +78,7 @@ class TrainConfig:
     batch_size: int = setting(32, "Examples per micro-batch; with several processes the global micro-batch, split across them.", ge=1)
     eval_batch_size: int = setting(64, "Examples per evaluation batch.", ge=1)
     grad_accum: int = setting(1, "Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum).", ge=1)
-    lr: float = setting(5e-5, "Peak learning rate of AdamW.", gt=0, le=10)
+    lr: float = setting(5e-5, "Peak learning rate of AdamW.", gt=0)
     weight_decay: float = setting(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).", ge=0)
     warmup_ratio: float = setting(0.06, "Fraction of steps with linear warm-up from 0 to lr.", ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = setting("linear", "Decay after warm-up.")
@@ -119,7 +124,6 @@ class Recipe:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the fully resolved recipe as YAML (atomically)."""
-        from slimtune.io import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -129,13 +133,14 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
 
 def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     """Turn a nested dict (YAML + flags + overrides) into a validated :class:`Recipe`."""
-    from slimtune.methods import get_method, method_names
+    from slimtune.data.packaged import expand_tree  # loads torch: importing config stays lean
+    from slimtune.methods import get_method, method_names  # loads torch: importing config stays lean
+
 
     valid_top = ["output", *SECTIONS, "method", "distill"]  # distill: optional, slimtune distill only
     for k in tree:
         if k not in valid_top:
             raise RecipeError(f"{source}: unknown section '{k}'; valid sections: {', '.join(valid_top)}")
-    from slimtune.data.packaged import expand_tree
 
     tree = expand_tree(tree)  # packaged:NAME/SPLIT data paths -> the real files (recorded in recipe.yaml)
     recipe = Recipe(output=coerce(tree.get("output"), str | None, "output"))
@@ -149,7 +154,6 @@ def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     recipe.method = mcfg
     recipe.method_name = mname
     if "distill" in tree:  # written by slimtune distill beside its student; validated below
-        from slimtune.compress.distill.recipe import DistillConfig
 
         recipe.distill = build_section(DistillConfig, tree["distill"] or {}, "distill")
     validate(recipe)
@@ -194,7 +198,8 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
 
 def field_help() -> list[tuple[str, str, str]]:
     """(key, default, help) for every recipe field, methods included: the ``--help`` listing."""
-    from slimtune.methods import get_method, method_names
+    from slimtune.methods import get_method, method_names  # loads torch: importing config stays lean
+
 
     rows: list[tuple[str, str, str]] = [("output", "None", Recipe.__dataclass_fields__["output"].metadata["help"])]
     for sec, cls in SECTIONS.items():

@@ -24,6 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from slimtune.data.datasets import load_classification
+from slimtune.evaluate.evaluator import model_task
+from slimtune.io import atomic_write_json, atomic_write_text
+from slimtune.models.loading import load_model, load_tokenizer
+
 _WORD = re.compile(r"[A-Za-z]{2,}")  # the spans that may be replaced (ASCII words, 2+ letters)
 
 
@@ -99,7 +106,6 @@ def word_neighbours(embeddings: Any, tokenizer: Any, words: set[str], k: int) ->
         absent (multi-piece words are never replaced). Neighbours that are the word itself in
         another case are skipped.
     """
-    import torch
 
     table = _word_tokens(tokenizer)
     if not table:
@@ -197,10 +203,6 @@ def run_augment(model: str, input_path: str, output: str, cfg: AugmentConfig, *,
         What ``OUTPUT.json`` holds: input, model, settings, ``rows_in``, ``rows_out``,
         ``distinct_words``, ``words_with_neighbours``, ``columns``.
     """
-    from slimtune.data.datasets import load_classification
-    from slimtune.evaluate.evaluator import model_task
-    from slimtune.io import atomic_write_json, atomic_write_text
-    from slimtune.models.loading import load_model, load_tokenizer
 
     cfg.validate()
     out = Path(output)

@@ -266,6 +266,9 @@ class TokenizedData:
     causal: bool = False
     example_ids: bool = False  # collate adds an ``example_ids`` (B,) tensor (distillation looks up cached teacher outputs by it)
     pairs: bool = False  # classification rows are sentence pairs (text + text pair)
+    token_labels: list[list[int]] | None = None  # per-token LM labels, -100 = no loss (chat SFT: answers only)
+    position_ids: list[list[int]] | None = None  # packed rows: positions restart at 0 for each example
+    info: dict[str, Any] = field(default_factory=dict)  # what the reader reports (JSON-ready counts)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -396,10 +399,23 @@ def collate(data: TokenizedData, idx: Sequence[int]) -> dict[str, torch.Tensor]:
             t = data.token_type_ids[i]
             tt[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         out["token_type_ids"] = tt
-    if data.causal:
+    if data.token_labels is not None:
+        labels = torch.full((B, T), -100, dtype=torch.long)  # padding carries no loss
+        for b, i in enumerate(idx):
+            labels[b, : len(data.token_labels[i])] = torch.tensor(data.token_labels[i], dtype=torch.long)
+        out["labels"] = labels
+    elif data.causal:
         labels = input_ids.clone()
         labels[attention == 0] = -100  # padded positions carry no loss
         out["labels"] = labels
+    if data.position_ids is not None:
+        # Packed: no attention mask, so transformers builds a per-example causal mask from the
+        # restarting positions (masking_utils.find_packed_sequence_indices). Padding keeps 0..T-1.
+        pos = torch.arange(T, dtype=torch.long).repeat(B, 1)
+        for b, i in enumerate(idx):
+            pos[b, : len(data.position_ids[i])] = torch.tensor(data.position_ids[i], dtype=torch.long)
+        out["position_ids"] = pos
+        del out["attention_mask"]
     elif data.labels is not None:
         out["labels"] = torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
     if data.example_ids:

@@ -6,13 +6,40 @@ by length, so padding costs almost nothing, and predictions are put back in file
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from slimtune.data.datasets import TokenizedData, collate, epoch_batches
+from slimtune.data.chat import is_chat_data
+from slimtune.data.datasets import (
+    TokenizedData,
+    collate,
+    epoch_batches,
+    load_classification,
+    read_text_files,
+    tokenize_causal,
+    tokenize_classification,
+)
+from slimtune.io import update_json, weights_size_mb
+from slimtune.models.loading import (
+    ALIASES,
+    ModelError,
+    count_params,
+    label_names_of,
+    load_model,
+    load_tokenizer,
+    resolve,
+)
+from slimtune.runtime.classifier import load_predict
+from slimtune.runtime.folders import count_stored_params, model_kind
+from slimtune.runtime.predict import predict_all
 
 
 def classification_metrics(preds: list[int], labels: list[int], label_names: list[str]) -> dict[str, Any]:
@@ -105,14 +132,18 @@ def format_report(metrics: dict[str, Any], title: str = "") -> str:
             lines.append(f"{name:<{w}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:5.4f}  {m['support']:7d}")
         lines.append(f"{'accuracy':<{w}}  {metrics['accuracy']:.4f}   macro-F1 {metrics['macro_f1']:.4f}   n={metrics['n']}")
     if "perplexity" in metrics:
-        lines.append(f"perplexity {metrics['perplexity']:.3f}   loss {metrics['loss']:.4f}   tokens {metrics['tokens']}")
+        what = " (answer tokens)" if "answer_perplexity" in metrics else ""
+        lines.append(f"perplexity{what} {metrics['perplexity']:.3f}   loss {metrics['loss']:.4f}   tokens {metrics['tokens']}")
+    if "exact_match" in metrics:  # chat/instruction eval (slimtune.evaluate.generation)
+        lines.append(f"exact match {metrics['exact_match']:.4f}   generated {metrics['generated']} answers")
+    for sample in metrics.get("samples", [])[:3]:
+        lines.append(f"  prompt: {sample['prompt'][:80]!r}\n    reference: {sample['reference'][:80]!r}\n"
+                     f"    generated: {sample['generated'][:80]!r}")
     return "\n".join(lines)
 
 
 def model_task(model_dir: str) -> str:
     """'causal-lm' or 'classification', read from a saved model's config.json."""
-    import json
-    from pathlib import Path
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     archs = cfg.get("architectures") or []
@@ -128,19 +159,11 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
     Defaults for max_length, columns and encoding come from the folder's ``recipe.yaml`` when
     present, so ``slimtune evaluate --model DIR --eval FILE`` repeats the training setup.
     """
-    from pathlib import Path
 
-    import yaml
-
-    from slimtune.data.datasets import (
-        load_classification,
-        read_text_files,
-        tokenize_causal,
-        tokenize_classification,
-    )
-    from slimtune.io import update_json, weights_size_mb
-    from slimtune.models.loading import count_params, label_names_of, load_model, load_tokenizer
-
+    if model_dir in ALIASES:  # e.g. the zero-shot baseline: slimtune evaluate --model smollm2
+        if output is None:
+            raise ModelError(f"--model {model_dir} is a packaged alias: pass --output for its metrics JSON")
+        model_dir = resolve(model_dir)
     d: dict[str, Any] = {}
     recipe_path = Path(model_dir) / "recipe.yaml"
     if recipe_path.is_file():
@@ -148,10 +171,8 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
     max_length = max_length or d.get("max_length") or 128
     encoding = encoding or d.get("encoding") or "utf-8"
     task = model_task(model_dir)
-    from slimtune.benchmark.latency import model_kind
 
     if task == "classification" and model_kind(model_dir) != "hf":  # ONNX / quantized folders
-        from slimtune.benchmark.latency import count_stored_params, evaluate_model_dir
 
         result = evaluate_model_dir(model_dir, eval_path, max_length=max_length, batch_size=batch_size,
                                     text_column=text_column, text_pair_column=text_pair_column,
@@ -170,9 +191,58 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
                                    label_column=label_column or d.get("label_column"),
                                    label_names=names, skip_bad_rows=skip_bad_rows, encoding=encoding)
         result = evaluate_classifier(model, tokenize_classification(data, tok, max_length), names, batch_size)
+    elif is_chat_data(eval_path, d.get("format") or "auto", encoding):  # chat/instruction JSONL
+        # imported here, not on top: slimtune.evaluate.generation imports this module
+        from slimtune.evaluate.generation import evaluate_chat_file
+
+        result = evaluate_chat_file(model, tok, eval_path, max_length=max_length, fmt=d.get("format") or "auto",
+                                    template_mode=d.get("chat_template") or "auto", batch_size=max(1, batch_size // 8),
+                                    skip_bad_rows=skip_bad_rows, encoding=encoding)
     else:
         blocks = tokenize_causal(read_text_files(eval_path, encoding), tok, max_length)
         result = evaluate_causal_lm(model, blocks, max(1, batch_size // 8))
     result.update(eval_file=str(eval_path), params=count_params(model), size_mb=weights_size_mb(model_dir))
     update_json(output or Path(model_dir) / "metrics.json", result)
+    return result
+
+
+def evaluate_model_dir(model_dir: str | os.PathLike, eval_path: str, *, max_eval_samples: int | None = None,
+                       max_length: int | None = None, batch_size: int = 64,
+                       predict: Callable[[dict[str, Any]], Any] | None = None,
+                       tokenizer: Any = None, text_column: str | None = None,
+                       text_pair_column: str | None = None, label_column: str | None = None,
+                       encoding: str | None = None, skip_bad_rows: bool = False) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class report of any slimtune classifier folder on a file.
+
+    Columns, encoding and max_length default to the folder's ``recipe.yaml`` (as in
+    ``slimtune evaluate``); label names come from ``config.json`` ``id2label``.
+    """
+
+    if predict is None or tokenizer is None:
+        predict, tokenizer = load_predict(model_dir)
+    cfg = getattr(predict, "config", None) or {}
+    if not cfg:
+
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
+    # transformers omits default LABEL_i names (and num_labels = 2) from config.json
+    names = [id2label.get(i, f"LABEL_{i}") for i in range(len(id2label) or int(cfg.get("num_labels", 2)))]
+    if all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        names = [str(i) for i in range(len(names))]
+    d: dict[str, Any] = {}
+    if (Path(model_dir) / "recipe.yaml").is_file():
+        d = (yaml.safe_load((Path(model_dir) / "recipe.yaml").read_text()) or {}).get("data", {}) or {}
+    data = load_classification(eval_path, text_column=text_column or d.get("text_column"),
+                               text_pair_column=text_pair_column or d.get("text_pair_column"),
+                               label_column=label_column or d.get("label_column"), label_names=names,
+                               encoding=encoding or d.get("encoding") or "utf-8", max_rows=max_eval_samples,
+                               skip_bad_rows=skip_bad_rows)
+    tdata = tokenize_classification(data, tokenizer, max_length or d.get("max_length") or 128)
+    if tdata.labels is None:
+        raise ValueError(f"{eval_path}: no labels to evaluate against")
+    t0 = time.perf_counter()
+    logits = predict_all(predict, tdata, batch_size)
+    result = classification_metrics(logits.argmax(-1).tolist(), tdata.labels, names)
+    result["eval_file"] = str(eval_path)
+    result["eval_seconds"] = round(time.perf_counter() - t0, 2)
     return result

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from slimtune.config.fields import RecipeError
 from slimtune.methods import MethodContext, register_method
 from slimtune.methods.lora import default_target_modules, export_peft, peft_task_type
 
@@ -49,7 +50,6 @@ class AdaLoraMethodConfig:
     export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "adalora: what to write: merged model, PEFT adapter under adapter/, or both."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config.recipe import RecipeError
 
         if self.init_r < 1:
             raise RecipeError(f"method.init_r: must be >= 1, got {self.init_r}")
@@ -78,7 +78,6 @@ def schedule(cfg: AdaLoraMethodConfig, total_steps: int) -> tuple[int, int]:
     Raises RecipeError (naming the keys and the step count) when explicit values leave no
     budgeting phase; the derived defaults (10% / 20%) always leave one.
     """
-    from slimtune.config.recipe import RecipeError
 
     tinit = cfg.tinit if cfg.tinit is not None else int(0.1 * total_steps)
     tfinal = cfg.tfinal if cfg.tfinal is not None else int(0.2 * total_steps)
@@ -136,7 +135,7 @@ class AdaLoraMethod:
     config_cls = AdaLoraMethodConfig
 
     def apply(self, model: torch.nn.Module, cfg: AdaLoraMethodConfig, ctx: MethodContext) -> torch.nn.Module:
-        from peft import AdaLoraConfig, get_peft_model
+        from peft import AdaLoraConfig, get_peft_model  # optional dependency (the peft extra)
 
         tinit, tfinal = schedule(cfg, ctx.total_steps)
         config = AdaLoraConfig(

@@ -36,8 +36,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from slimtune.config.fields import RecipeError
 from slimtune.methods import MethodContext, register_method
 
 # Output projections of the attention / FFN sublayers, per architecture family (regular
@@ -76,7 +79,6 @@ class AdapterMethodConfig:
     export: Literal["both", "adapter"] = field(default="both", metadata={"help": "adapters: adapter folder only, or also the whole model (loadable without the base)."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config.recipe import RecipeError
 
         if self.size < 1:
             raise RecipeError(f"method.size: must be >= 1, got {self.size}")
@@ -180,7 +182,6 @@ def set_trainable(model: nn.Module, task: str, train_norms: bool) -> None:
 
 def save_adapters(model: nn.Module, out_dir: Path, info: dict[str, Any]) -> None:
     """Write the trainable tensors (adapters, head, norms) and ``adapter_config.json``."""
-    from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -195,7 +196,6 @@ def load_adapters(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     ``slimtune.models.loading.load_model(base, "classification", label_names=[...])``); the saved
     head and norms overwrite its own. Every adapter tensor must be in the file.
     """
-    from safetensors.torch import load_file
 
     d = Path(adapter_dir)
     cfg_path = d / "adapter_config.json"
@@ -222,8 +222,6 @@ def load_adapters(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 
 def load_exported(path: Path, task: str, dtype: str = "float32") -> nn.Module:
     """Load an exported adapters run folder (called by ``slimtune.models.loading.load_model``)."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     config = AutoConfig.from_pretrained(path)
@@ -257,7 +255,6 @@ class AdapterMethod:
         pass
 
     def export(self, model: nn.Module, cfg: AdapterMethodConfig, out_dir: Path, ctx: MethodContext) -> nn.Module:
-        from safetensors.torch import save_model
 
         info = {"slimtune_method": "adapters", "format_version": 1,
                 "base_model_name_or_path": ctx.base_model, "task": ctx.task,

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 
+from slimtune.config.fields import RecipeError
 from slimtune.methods import MethodContext, register_method
 from slimtune.methods.lora import export_peft, peft_task_type
 
@@ -33,7 +34,6 @@ class IA3MethodConfig:
     export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "ia3: what to write: merged model, PEFT adapter under adapter/, or both."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config.recipe import RecipeError
 
         if self.feedforward_modules and not self.target_modules:
             raise RecipeError("method.feedforward_modules: set method.target_modules too (feed-forward modules must be a subset of them)")
@@ -50,10 +50,10 @@ def ia3_modules(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     down_proj); else linear layers named like keys/values/FFN-output. Raises ValueError for a
     model where neither finds anything.
     """
-    from peft.utils.constants import (
+    from peft.utils.constants import (  # optional dependency (the peft extra)
         TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
     )
-    from peft.utils.constants import (
+    from peft.utils.constants import (  # optional dependency (the peft extra)
         TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
     )
 
@@ -74,7 +74,7 @@ class IA3Method:
     config_cls = IA3MethodConfig
 
     def apply(self, model: torch.nn.Module, cfg: IA3MethodConfig, ctx: MethodContext) -> torch.nn.Module:
-        from peft import IA3Config, get_peft_model
+        from peft import IA3Config, get_peft_model  # optional dependency (the peft extra)
 
         if cfg.target_modules:
             targets, ff = cfg.target_modules, cfg.feedforward_modules or []

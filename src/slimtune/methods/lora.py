@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from slimtune.config.fields import RecipeError
 from slimtune.methods import MethodContext, register_method
 
 
@@ -28,7 +29,6 @@ class LoraMethodConfig:
     export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "lora: what to write: merged model, PEFT adapter under adapter/, or both."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config.recipe import RecipeError
 
         if self.r < 1:
             raise RecipeError(f"method.r: must be >= 1, got {self.r}")
@@ -74,7 +74,7 @@ class LoraMethod:
     config_cls = LoraMethodConfig
 
     def apply(self, model: torch.nn.Module, cfg: LoraMethodConfig, ctx: MethodContext) -> torch.nn.Module:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # optional dependency (the peft extra)
 
         config = LoraConfig(
             task_type=peft_task_type(ctx.task),

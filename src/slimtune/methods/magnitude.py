@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from slimtune.config.fields import RecipeError
 from slimtune.methods import MethodContext, register_method
 
 # Modules never pruned: the task head and pooler are tiny and their rows are the classes.
@@ -49,7 +52,6 @@ class MagnitudeConfig:
     sparse_sidecar: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "magnitude: write a bitmask-compressed copy under sparse/ ('auto': only when it is smaller than the dense file)."})
 
     def validate(self, recipe: Any = None) -> None:
-        from slimtune.config.recipe import RecipeError
 
         if not 0 <= self.sparsity < 1:
             raise RecipeError(f"method.sparsity: must be in [0, 1), got {self.sparsity}")
@@ -68,7 +70,6 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"(\d+):(\d+)", pattern)
     if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-        from slimtune.config.recipe import RecipeError
 
         raise RecipeError(f"method.pattern: expected 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
     return int(m.group(1)), int(m.group(2))
@@ -190,7 +191,6 @@ def save_sparse_sidecar(state: dict[str, torch.Tensor], path: str | Path, mode: 
     the file is written only if its total is smaller than ``dense_bytes``. Returns a summary
     (``written``, ``bytes``, ``dense_bytes``). Read it back with :func:`load_sparse_sidecar`.
     """
-    from safetensors.torch import save_file
 
     out: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
@@ -217,7 +217,6 @@ def save_sparse_sidecar(state: dict[str, torch.Tensor], path: str | Path, mode: 
 
 def load_sparse_sidecar(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a file written by :func:`save_sparse_sidecar` back into a dense state dict."""
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -319,7 +318,6 @@ class MagnitudeMethod:
         report.update(pattern=cfg.pattern, scope=cfg.scope, schedule=cfg.schedule, target_sparsity=cfg.sparsity)
         dense = out_dir / "model.safetensors"
         if cfg.sparse_sidecar != "off" and dense.is_file():
-            from safetensors.torch import load_file
 
             side = save_sparse_sidecar(load_file(str(dense)), out_dir / "sparse" / "model.safetensors",
                                        cfg.sparse_sidecar, dense.stat().st_size)

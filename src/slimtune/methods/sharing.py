@@ -50,8 +50,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from slimtune.config.fields import RecipeError
 from slimtune.methods import MethodContext, register_method
 
 WEIGHTS_NAME = "model_shared.safetensors"
@@ -71,7 +74,6 @@ class SharingMethodConfig:
     relax_rank: int = field(default=0, metadata={"help": "sharing: per-layer rank-r residual B_i @ A_i on every shared nn.Linear (Relaxed Recursive Transformers; SVD init from W_i - W_shared); 0: none. Must be < min(in, out)."})
 
     def validate(self, recipe: Any) -> None:
-        from slimtune.config.recipe import RecipeError
 
         if isinstance(self.groups, int) and self.groups < 0:
             raise RecipeError(f"method.groups: must be >= 0, got {self.groups}")
@@ -115,7 +117,6 @@ def resolve_groups(groups: int | list[list[int]], n_layers: int, pattern: str = 
     Bae et al., 2024). Measured on MiniLM 6 -> 3 after KD recovery: cycle + ``init: first``
     recovers far better (docs/methods.md). Explicit lists ignore ``pattern``.
     """
-    from slimtune.config.recipe import RecipeError
 
     if isinstance(groups, int):
         k = groups or math.ceil(n_layers / 2)
@@ -310,7 +311,6 @@ def apply_structure(model: nn.Module, info: dict[str, Any], init: str | None) ->
 def check_relax_rank(model: nn.Module, groups: list[list[int]], rank: int) -> None:
     """Refuse ``rank >= min(in, out)`` of any Linear it would wrap (RecipeError naming the key):
     such a residual stores more than the unshared matrix."""
-    from slimtune.config.recipe import RecipeError
 
     path, layers = find_layers(model)
     for i, name in _relaxed_linears(layers, groups):
@@ -349,8 +349,6 @@ def _read_sidecar(file: Path) -> dict[str, Any]:
 
 def load_exported(path: Path, task: str, dtype: str = "float32") -> nn.Module:
     """Rebuild a shared model from its folder (called by ``slimtune.models.loading.load_model``)."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     info = _read_sidecar(path / "slimtune_method.json")
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
@@ -381,7 +379,6 @@ class SharingMethod:
         pass
 
     def export(self, model: nn.Module, cfg: SharingMethodConfig, out_dir: Path, ctx: MethodContext) -> nn.Module:
-        from safetensors.torch import save_model
 
         # save_model writes each storage once: shared blocks (and tied embeddings) are not duplicated.
         save_model(model, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})

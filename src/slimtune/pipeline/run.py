@@ -26,12 +26,40 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
+import yaml
+
+from slimtune.benchmark.latency import bench_models, format_bench, latency_at
+from slimtune.benchmark.timing import hardware_fingerprint
+from slimtune.compress.distill.recipe import run_distill
+from slimtune.compress.distill.settings import DistillConfig
+from slimtune.compress.prune.recipe import PruneSettings, run_prune
+from slimtune.compress.quant.recipe import make_config, run_quantize
+from slimtune.config.recipe import (
+    RecipeError,
+    build_section,
+    deep_merge,
+    load_yaml,
+    parse_override,
+    resolve,
+    set_path,
+)
+from slimtune.data.packaged import expand_tree
+from slimtune.evaluate.evaluator import evaluate_model_dir
+from slimtune.io import atomic_write_json, atomic_write_text, weights_size_mb
+from slimtune.models.loading import check_exists
+from slimtune.models.loading import resolve as resolve_model
+from slimtune.report.html import write_report
+from slimtune.runtime.folders import count_stored_params, model_kind
+from slimtune.train.finetune import run_finetune
 
 ORDER = ("finetune", "distill", "prune", "quantize", "evaluate", "bench", "report")
 MODEL_STAGES = ("finetune", "distill", "prune", "quantize")
@@ -148,7 +176,6 @@ class Plan:
 
 def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
     """Read, override and validate a pipeline recipe completely; raise RecipeError naming the key."""
-    from slimtune.config.recipe import load_yaml, parse_override, set_path
 
     tree = load_yaml(path)
     for ov in overrides or []:
@@ -159,8 +186,6 @@ def load_plan(path: str, overrides: list[str] | None = None) -> Plan:
 
 def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
     """Validate a pipeline tree (see :func:`load_plan`)."""
-    from slimtune.config.recipe import RecipeError, build_section, deep_merge, resolve
-    from slimtune.data.packaged import expand_tree
 
     tree = expand_tree(dict(tree))  # packaged:NAME/SPLIT paths -> real files, for every stage and pipeline.yaml
     shared_keys = ("output", "model", "data", "train", "method")
@@ -201,7 +226,6 @@ def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
         if not isinstance(sec, dict):
             raise RecipeError(f"{s}: expected a mapping of keys, got {sec!r}")
         if s == "distill":
-            from slimtune.compress.distill.recipe import DistillConfig
 
             sec = dict(sec)
             train_ov = sec.pop("train", None) or {}
@@ -215,7 +239,6 @@ def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
         elif s == "prune":
             _prune_settings(cfg, recipe, "minilm", "-").validate()  # the model folder does not exist yet
         elif s == "quantize":
-            from slimtune.compress.quant.recipe import make_config
 
             make_config(cfg.scheme, granularity=cfg.granularity, group_size=cfg.group_size, bits=cfg.bits,
                         include_embeddings=cfg.include_embeddings)
@@ -230,14 +253,12 @@ def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
                     raise RecipeError(f"bench.{k}: positive integers required, got {getattr(cfg, k)}")
         configs[s] = cfg
     if "finetune" not in stages and any(s in stages for s in MODEL_STAGES):
-        from slimtune.models.loading import check_exists
 
         check_exists(recipe.model.name)
     return Plan(tree=base, stages=list(stages), configs=configs, output=Path(recipe.output), source=source)
 
 
 def _prune_settings(cfg: PruneStage, recipe: Any, model: str, output: str) -> Any:
-    from slimtune.compress.prune.recipe import PruneSettings
 
     d = recipe.data
     return PruneSettings(model=model, output=output, train=d.train, eval=d.eval, sparsity=cfg.sparsity,
@@ -295,15 +316,9 @@ def stage_key(name: str, config: Any, inputs: list[str]) -> str:
 
 def run_pipeline(plan: Plan, *, force: bool = False, log: Any = None) -> dict[str, Any]:
     """Run (or skip) every stage of ``plan``; return ``{"stages": [...], "report": rows or None}``."""
-    from slimtune.config.recipe import deep_merge, resolve
-    from slimtune.io import atomic_write_json
-    from slimtune.models.loading import resolve as resolve_model
 
     say = log or (lambda msg: print(f"[slimtune run] {msg}", file=sys.stderr, flush=True))
     plan.output.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    from slimtune.io import atomic_write_text
 
     atomic_write_text(plan.output / "pipeline.yaml", yaml.safe_dump(
         {**plan.tree, "stages": plan.stages,
@@ -344,17 +359,14 @@ def run_pipeline(plan: Plan, *, force: bool = False, log: Any = None) -> dict[st
         say(f"{d.name}: running")
         t0 = time.monotonic()
         if name == "finetune":
-            from slimtune.train.finetune import run_finetune
 
             tree = deep_merge(plan.tree, {"output": str(d), "train": cfg.train, "method": cfg.method})
             run_finetune(resolve(tree, plan.source))
         elif name == "distill":
-            from slimtune.compress.distill.recipe import run_distill
 
             tree = deep_merge(plan.tree, {"output": str(d), "model": {"name": current}, "train": cfg["train"]})
             run_distill(resolve(tree, plan.source), cfg["distill"])
         elif name == "prune":
-            from slimtune.compress.prune.recipe import run_prune
 
             recipe = resolve(deep_merge(plan.tree, {"output": str(d)}), plan.source)
             run_prune(_prune_settings(cfg, recipe, current, str(d)))
@@ -381,7 +393,6 @@ def run_pipeline(plan: Plan, *, force: bool = False, log: Any = None) -> dict[st
 
 
 def _run_quantize(plan: Plan, cfg: QuantizeStage, current: str, d: Path) -> None:
-    from slimtune.compress.quant.recipe import run_quantize
 
     data = plan.tree.get("data") or {}
     # run_quantize replaces the folder atomically when done (stage.json is rewritten after it)
@@ -397,17 +408,12 @@ def _run_quantize(plan: Plan, cfg: QuantizeStage, current: str, d: Path) -> None
 
 def _restore_threads() -> None:
     # quantize/bench pin torch to the latency thread count; later training stages want all cores
-    import os
-
-    import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     os.environ.pop("SLIMTUNE_THREADS", None)
 
 
 def _run_evaluate(plan: Plan, cfg: EvaluateStage, models: dict[str, str], d: Path) -> None:
-    from slimtune.benchmark.latency import evaluate_model_dir
-    from slimtune.io import atomic_write_json
 
     data = plan.tree.get("data") or {}
     path = cfg.eval or data.get("eval")
@@ -420,8 +426,6 @@ def _run_evaluate(plan: Plan, cfg: EvaluateStage, models: dict[str, str], d: Pat
 
 
 def _run_bench(cfg: BenchStage, models: dict[str, str], d: Path) -> None:
-    from slimtune.benchmark.latency import bench_models, format_bench
-    from slimtune.io import atomic_write_json, atomic_write_text
 
     res = bench_models(models, batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens, threads=cfg.threads,
                        repeats=cfg.repeats, warmup=cfg.warmup)
@@ -431,14 +435,6 @@ def _run_bench(cfg: BenchStage, models: dict[str, str], d: Path) -> None:
 
 
 def _run_report(plan: Plan, cfg: ReportStage, models: dict[str, str], d: Path) -> None:
-    from slimtune.benchmark.latency import (
-        count_stored_params,
-        hardware_fingerprint,
-        latency_at,
-        model_kind,
-    )
-    from slimtune.io import weights_size_mb
-    from slimtune.report.html import write_report
 
     ev = bench = None
     if "evaluate" in plan.stages:

@@ -30,12 +30,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from slimtune.benchmark.latency import _model_inputs, bench_models, latency_at
+from slimtune.benchmark.timing import hardware_fingerprint, measure_latency, set_threads
+from slimtune.compress.distill.recipe import run_distill
+from slimtune.compress.distill.settings import DistillConfig
+from slimtune.compress.prune.recipe import PruneSettings, run_prune
+from slimtune.compress.quant.recipe import run_quantize
+from slimtune.config.fields import RecipeError
+from slimtune.config.recipe import resolve
+from slimtune.evaluate.evaluator import evaluate_model_dir
+from slimtune.io import atomic_dir, atomic_write_json, weights_size_mb
+from slimtune.report.html import pareto_front, write_report
+from slimtune.runtime.classifier import load_predict
+from slimtune.runtime.folders import count_stored_params, model_kind
 
 
 @dataclass
@@ -73,7 +90,6 @@ class CompressSettings:
 
     def validate(self) -> None:
         """Check flags and files before anything loads (errors name the flag)."""
-        from slimtune.config.recipe import RecipeError
 
         if not (Path(self.model) / "config.json").is_file():
             raise RecipeError(f"--model: not a model folder (no config.json): {self.model}")
@@ -133,7 +149,6 @@ class Search:
     """State of one compress run: candidates, budget, the constraint, the log."""
 
     def __init__(self, s: CompressSettings, log: Any = None):
-        import torch
 
         self.s = s
         self.out = Path(s.output)
@@ -170,7 +185,6 @@ class Search:
         return c
 
     def save(self) -> None:
-        from slimtune.io import atomic_write_json
 
         atomic_write_json(self.out / "candidates.json", list(self.cands.values()))
 
@@ -227,7 +241,6 @@ class Search:
         self.costs[kind] = time.monotonic() - t
         c = self.record(name, parent=parent, settings=settings, status="ok", path=str(d),
                         seconds=round(self.costs[kind], 1), eval_key=self.eval_key, **c)
-        from slimtune.io import atomic_write_json
 
         atomic_write_json(marker, c)
         ok = "meets" if self.feasible(c) else "misses"
@@ -237,23 +250,12 @@ class Search:
 
     def _restore_threads(self) -> None:
         # quantize/bench set 1 thread for latency; training and evaluation use all cores again
-        import os
-
-        import torch
 
         torch.set_num_threads(self.train_threads)
         os.environ.pop("SLIMTUNE_THREADS", None)
 
     def measure(self, name: str, d: Path) -> dict[str, Any]:
         """Accuracy on --eval, size, params and a quick latency probe against the teacher."""
-        from slimtune.benchmark.latency import (
-            count_stored_params,
-            evaluate_model_dir,
-            load_predict,
-            measure_latency,
-            model_kind,
-        )
-        from slimtune.io import weights_size_mb
 
         s = self.s
         ev = evaluate_model_dir(d, s.eval, max_eval_samples=s.max_eval_samples, max_length=s.max_length)
@@ -261,7 +263,6 @@ class Search:
                "accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"], "per_class": ev["per_class"]}
         # Probe: a few interleaved rounds with the teacher (threads as in the final bench).
         # Only steers the search; the reported latencies come from the final bench.
-        from slimtune.benchmark.latency import _model_inputs, set_threads
 
         set_threads(s.threads)
         if self._ref is None:
@@ -282,7 +283,6 @@ class Search:
                   vocab: int | None) -> None:
         """The int8 ONNX Runtime child of ``parent`` (embeddings included). No SQNR gate (and so
         no mixed-precision search): the candidate's accuracy is what the search judges."""
-        from slimtune.compress.quant.recipe import run_quantize
 
         if "int8" not in self.s.quant:
             return
@@ -300,8 +300,6 @@ class Search:
 
 def run_compress(s: CompressSettings, log: Any = None) -> dict[str, Any]:
     """Run the search; write ``best/``, ``candidates.json`` and the report; return a summary."""
-    from slimtune.benchmark.latency import evaluate_model_dir
-    from slimtune.io import atomic_write_json
 
     s.validate()
     S = Search(s, log)
@@ -313,8 +311,6 @@ def run_compress(s: CompressSettings, log: Any = None) -> dict[str, Any]:
     # 0. the teacher: the reference accuracy
     S.say(f"evaluating the input model on {s.eval}")
     t_eval = evaluate_model_dir(s.model, s.eval, max_eval_samples=s.max_eval_samples, max_length=s.max_length)
-    from slimtune.benchmark.latency import count_stored_params, model_kind
-    from slimtune.io import weights_size_mb
 
     S.min_accuracy = t_eval["accuracy"] - s.max_accuracy_drop / 100
     S.record("input", parent=None, settings={"student_layers": n_layers, "ffn_removed": 0.0, "vocab": "full",
@@ -329,7 +325,6 @@ def run_compress(s: CompressSettings, log: Any = None) -> dict[str, Any]:
     base = S.cands["input"]
     vocab_n: int | None = None
     if s.vocab:
-        from slimtune.compress.prune.recipe import PruneSettings, run_prune
 
         def make_v(d: Path) -> None:
             run_prune(PruneSettings(model=s.model, output=str(d), vocab_from=[s.train], max_length=s.max_length,
@@ -373,8 +368,6 @@ def _try_depth(S: Search, base: dict[str, Any], cfg: dict[str, Any], d: int, voc
         return False
 
     def make_student(out: Path) -> None:
-        from slimtune.compress.distill.recipe import DistillConfig, run_distill
-        from slimtune.config.recipe import resolve
 
         tree = {"output": str(out), "model": {"name": base["path"]},
                 "data": {"train": s.train, "eval": s.eval, "max_length": s.max_length,
@@ -410,7 +403,6 @@ def _try_depth(S: Search, base: dict[str, Any], cfg: dict[str, Any], d: int, voc
 
 def _ffn_ladder(S: Search, parent: dict[str, Any], cfg: dict[str, Any], d: int, vocab_n: int | None) -> None:
     """FFN pruning with KD recovery, mild ratios first; stop at the first accuracy miss."""
-    from slimtune.compress.prune.recipe import PruneSettings, run_prune
 
     s = S.s
     for f in sorted(s.ffn):
@@ -450,14 +442,6 @@ def _score(c: dict[str, Any], ref: dict[str, Any], prefer: str) -> tuple[float, 
 
 def finish(S: Search, t_eval: dict[str, Any]) -> dict[str, Any]:
     """Bench every candidate and the input side by side; choose; write best/, JSON and report."""
-    from slimtune.benchmark.latency import (
-        bench_models,
-        evaluate_model_dir,
-        hardware_fingerprint,
-        latency_at,
-    )
-    from slimtune.io import atomic_write_json
-    from slimtune.report.html import pareto_front, write_report
 
     s = S.s
     # Candidates an earlier run built in this folder (same evaluation data) stay in the comparison.
@@ -542,7 +526,6 @@ def finish(S: Search, t_eval: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_best(S: Search, best: dict[str, Any], ok: bool, res: dict[str, Any]) -> None:
-    from slimtune.io import atomic_dir, atomic_write_json
 
     ref = S.cands["input"]
     with atomic_dir(S.out / "best") as tmp:

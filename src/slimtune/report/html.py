@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from slimtune.io import atomic_write_json, atomic_write_text
+
 CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;
 color:#1d2330;background:#fff;padding:0 16px}
@@ -93,7 +95,7 @@ def read_curves(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
 def _svg(fig: Any) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency (the report extra)
 
     plt.close(fig)
     text = buf.getvalue()
@@ -101,17 +103,17 @@ def _svg(fig: Any) -> str:
 
 
 def _plt() -> Any:
-    import matplotlib
+    import matplotlib  # optional dependency (the report extra)
 
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.fonttype"] = "path"
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency (the report extra)
 
     return plt
 
 
 def _null_formatter() -> Any:
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import NullFormatter  # optional dependency (the report extra)
 
     return NullFormatter()
 
@@ -333,7 +335,6 @@ def write_report(out_dir: str | os.PathLike, rows: list[dict[str, Any]], *, titl
 
     Returns: ``{"html": path, "md": path, "json": path}``.
     """
-    from slimtune.io import atomic_write_json, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

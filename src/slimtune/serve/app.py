@@ -16,7 +16,8 @@ import hmac
 import json
 import logging
 import time
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
 
 from slimtune.serve.batching import Batcher, ClientError, ServeConfig
 from slimtune.serve.metrics import Metrics
@@ -84,9 +85,8 @@ async def _send_json(send: Any, status: int, kind: str, message: str) -> None:
 
 def _schemas(cfg: ServeConfig) -> tuple[Any, Any]:
     """Pydantic request models carrying this server's limits (so /docs shows the real ones)."""
-    from typing import Annotated
 
-    from pydantic import (
+    from pydantic import (  # optional dependency (the serve extra)
         BaseModel,
         ConfigDict,
         Field,
@@ -127,12 +127,11 @@ def _schemas(cfg: ServeConfig) -> tuple[Any, Any]:
 
 def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str = "model") -> Any:
     """The ASGI app (FastAPI) serving ``runner``; the batcher starts/stops with the app's lifespan."""
-    from contextlib import asynccontextmanager
 
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import Depends, FastAPI, Request  # optional dependency (the serve extra)
+    from fastapi.exceptions import RequestValidationError  # optional dependency (the serve extra)
+    from fastapi.responses import JSONResponse, PlainTextResponse  # optional dependency (the serve extra)
+    from starlette.exceptions import HTTPException as StarletteHTTPException  # optional dependency (the serve extra)
 
     cfg = cfg or ServeConfig()
     cfg.validate()

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from slimtune.serve.metrics import Metrics
 from slimtune.serve.models import Runner, pad_batch
 
@@ -188,7 +190,6 @@ class Batcher:
         return self._generate(batch)
 
     def _classify(self, batch: list[_Item]) -> list[list[dict[str, Any]]]:
-        import numpy as np
 
         r, tok = self.runner, self.runner.tokenizer
         flat = [(i, j, row) for i, it in enumerate(batch) for j, row in enumerate(it.rows)]

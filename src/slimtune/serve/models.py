@@ -8,10 +8,20 @@ layer never ask which one they have.
 Top-level imports are stdlib only; numpy, torch and onnxruntime are imported where used.
 """
 
+import inspect
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from slimtune.evaluate.evaluator import model_task
+from slimtune.models.loading import load_model, load_tokenizer
+from slimtune.runtime.classifier import load_classifier
 
 
 @dataclass
@@ -55,7 +65,6 @@ def _max_length(model_dir: Path, cfg: dict[str, Any], tokenizer: Any) -> int:
     """The recipe's data.max_length if saved, else what the model and tokenizer allow (<= 512)."""
     recipe = model_dir / "recipe.yaml"
     if recipe.is_file():
-        import yaml
 
         n = ((yaml.safe_load(recipe.read_text()) or {}).get("data") or {}).get("max_length")
         if isinstance(n, int) and n > 0:
@@ -66,13 +75,11 @@ def _max_length(model_dir: Path, cfg: dict[str, Any], tokenizer: Any) -> int:
 
 def check_device(device: str) -> None:
     """Raise ValueError naming ``--device`` unless it is ``cpu`` or a CUDA device this machine has."""
-    import re
 
     if device == "cpu":
         return
     if not re.fullmatch(r"cuda(:\d+)?", device):
         raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    import torch
 
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device on this machine (torch.cuda.is_available() is False)")
@@ -88,10 +95,9 @@ def _accelerated_classifier(model_dir: Path, device: str) -> Any:
     """``logits(batch)`` on a CUDA device: transformers folders in torch, ``model.onnx`` in ONNX
     Runtime's CUDA provider. slimtune's ``quantization.json`` folders use CPU int8 kernels and are
     refused (serve them on the CPU, or serve the fp32 folder on the GPU)."""
-    import numpy as np
 
     if (model_dir / "model.onnx").is_file():
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional dependency (the quant extra)
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ValueError(f"--device {device}: this onnxruntime has no CUDA provider "
@@ -110,11 +116,6 @@ def _accelerated_classifier(model_dir: Path, device: str) -> Any:
     if (model_dir / "quantization.json").is_file():
         raise ValueError(f"--device {device}: {model_dir} holds slimtune's CPU int8 format; serve it with "
                          f"--device cpu, or serve the unquantized folder on the GPU")
-    import inspect
-
-    import torch
-
-    from slimtune.models.loading import load_model
 
     model = load_model(str(model_dir), "classification").eval().to(device)
     accepted = set(inspect.signature(model.forward).parameters)
@@ -135,9 +136,6 @@ def _classifier(model_dir: Path, threads: int | None, device: str = "cpu") -> An
     """
     if device != "cpu":
         return _accelerated_classifier(model_dir, device)
-    import numpy as np
-
-    from slimtune.compress.quant.recipe import load_classifier
 
     clf = load_classifier(model_dir, threads)  # (input_ids, attention_mask, token_type_ids) -> logits
 
@@ -149,9 +147,6 @@ def _classifier(model_dir: Path, threads: int | None, device: str = "cpu") -> An
 
 
 def _torch_generator(model_dir: Path, threads: int | None, pad_id: int, device: str = "cpu") -> Any:
-    import torch
-
-    from slimtune.models.loading import load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -179,8 +174,6 @@ def load_runner(model_dir: str, threads: int | None = None, device: str = "cpu")
     that GPU. Raises FileNotFoundError/ValueError with the folder (or ``--device``) named when it
     cannot be served.
     """
-    from slimtune.evaluate.evaluator import model_task
-    from slimtune.models.loading import load_tokenizer
 
     check_device(device)
     d = Path(model_dir)
@@ -209,7 +202,6 @@ def load_runner(model_dir: str, threads: int | None = None, device: str = "cpu")
 
 def pad_batch(encs: list[dict[str, list[int]]], pad_id: int, left: bool = False) -> dict[str, Any]:
     """Pad token lists to the longest row: {key: int64 array (B, T)} (pad id for input_ids, else 0)."""
-    import numpy as np
 
     width = max(len(e["input_ids"]) for e in encs)
     out = {}

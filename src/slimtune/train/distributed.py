@@ -34,6 +34,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from slimtune.methods import load_trainable_state
 
 # --------------------------------------------------------------------------------------------
 # Process group
@@ -256,14 +261,12 @@ def _split_off_params(model: torch.nn.Module) -> torch.nn.Module:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a DTensor shard (a collective: every rank calls it), else ``t``."""
-    from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` placed like the DTensor ``like`` (every rank holds the same ``full``)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     if not isinstance(like, DTensor) or isinstance(full, DTensor) or full.shape != like.shape:
         return full
@@ -293,8 +296,6 @@ class Parallel:
             return
         self.device = device()
         if fsdp:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
 
             self.kind = "fsdp"
             _check_same_init(model)
@@ -356,7 +357,6 @@ class Parallel:
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load full trainable weights (every rank holds ``state``) into the local model or shards."""
-        from slimtune.methods import load_trainable_state
 
         if self.kind != "fsdp":
             load_trainable_state(self.module, state)

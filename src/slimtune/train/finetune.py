@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from slimtune.config.recipe import Recipe
+from slimtune.data.chat import is_chat_data, prepare_chat_data
 from slimtune.data.datasets import (
     TokenizedData,
     load_classification,
@@ -32,6 +33,7 @@ from slimtune.data.datasets import (
     tokenize_classification,
 )
 from slimtune.evaluate.evaluator import evaluate_causal_lm, evaluate_classifier, format_report
+from slimtune.evaluate.generation import sft_summary
 from slimtune.io import update_json, weights_size_mb
 from slimtune.methods import MethodContext, get_method
 from slimtune.models.loading import count_params, load_model, load_tokenizer, resolve
@@ -58,6 +60,8 @@ def prepare_data(recipe: Recipe, tokenizer: Any) -> tuple[TokenizedData, Tokeniz
                                      seed=t.seed, **cols)
         return (tokenize_classification(tr, tokenizer, d.max_length),
                 tokenize_classification(ev, tokenizer, d.max_length) if ev else None, tr.label_names)
+    if is_chat_data(d.train, d.format, d.encoding):  # chat/instruction JSONL: SFT, loss on the answers only
+        return prepare_chat_data(d, tokenizer, t.seed)
     blocks = tokenize_causal(read_text_files(d.train, d.encoding), tokenizer, d.max_length)
     if d.eval:
         ev_blocks = tokenize_causal(read_text_files(d.eval, d.encoding), tokenizer, d.max_length)
@@ -122,6 +126,10 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
                            "cpu" if sharded else device)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    sft = "chat" in train_data.info  # chat/instruction data (slimtune.data.chat)
+    base_config, use_cache = model.config, getattr(model.config, "use_cache", None)
+    if sft:  # no KV cache in training; without one, packed blocks get per-example attention
+        base_config.use_cache = False
     metric = t.metric if t.metric != "auto" else ("accuracy" if m.task == "classification" else "loss")
     before: dict[str, Any] = {}
     if m.task == "causal-lm" and eval_data is not None and not sharded:
@@ -140,6 +148,8 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
                     eval_fn=eval_fn, metric=metric, group_by_length=recipe.data.group_by_length)
     if not distributed.is_main():
         return {"rank": distributed.rank(), "train": summary}  # rank 0 exports and evaluates
+    if sft:
+        base_config.use_cache = use_cache  # exported for generation
     final = export_model(method, model, recipe.method, ctx, tokenizer, out)
     result: dict[str, Any] = {"task": m.task, "method": recipe.method_name, "base_model": m.name}
     if eval_data is not None:
@@ -147,6 +157,10 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
         result["eval_file"] = recipe.data.eval or f"{recipe.data.train} (held-out {recipe.data.eval_fraction:.0%})"
     if before:
         result["perplexity_before"] = before["perplexity"]
+    if sft:
+        result.update(sft_summary(final, tokenizer, train_data, eval_data, before, template_mode=recipe.data.chat_template,
+                                  batch_size=max(1, t.eval_batch_size // 8),
+                                  ppl={k: result[k] for k in ("loss", "perplexity", "tokens")} if eval_data else None))
     result.update(params=params, trainable_params=trainable, plain_params=count_params(final),
                   size_mb=weights_size_mb(out), peak_rss_mb=peak_rss_mb(), train=summary)
     update_json(out / "metrics.json", result)

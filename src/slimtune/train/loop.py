@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from slimtune.config.recipe import TrainConfig
 from slimtune.data.datasets import TokenizedData, collate, epoch_batches, num_batches
@@ -238,7 +239,7 @@ class MetricsLog:
         self.tb = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency (the logging extra)
 
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
             except ImportError:
@@ -319,7 +320,8 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
     stop = False
     while state.step < total_steps and not stop:
         batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, state.epoch,
-                                group_by_length=group_by_length and not data.causal)
+                                # raw-LM blocks are equal-length; chat SFT examples are not
+                                group_by_length=group_by_length and (not data.causal or data.token_labels is not None))
         while state.batch < len(batches) and state.step < total_steps:
             t0 = time.perf_counter()
             group = batches[state.batch: state.batch + cfg.grad_accum]
@@ -431,7 +433,6 @@ class _NullLog:
 
 
 def _progress(cfg: TrainConfig, total: int, initial: int, main: bool = True) -> Any:
-    from tqdm.auto import tqdm
 
     disable = not main or not cfg.progress or not sys.stderr.isatty() or os.environ.get("SLIMTUNE_NO_PROGRESS") == "1"
     return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)

@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from slimtune.data.datasets import TokenizedData, collate, epoch_batches
+from slimtune.io import atomic_write_json
 
 CACHE_VERSION = 1
 
@@ -61,7 +64,6 @@ class TeacherCache:
     """Teacher logits for one (teacher, data, settings) triple, read row by row from disk."""
 
     def __init__(self, path: Path, status: str):
-        from safetensors import safe_open
 
         self.path = path
         self.status = status  # "hit" (reused) or "miss" (computed now)
@@ -120,9 +122,6 @@ def teacher_cache(teacher: torch.nn.Module, teacher_dir: str, data: TokenizedDat
         batch_size: teacher batch size on a miss.
         teacher_hash: precomputed :func:`hash_files` of ``teacher_dir`` (saves re-reading it).
     """
-    from safetensors.torch import save_file
-
-    from slimtune.io import atomic_write_json
 
     store_dtype = torch.float16 if data.causal else torch.float32  # LM logits are large: half
     meta = {"version": CACHE_VERSION, "teacher": teacher_hash or hash_files(teacher_dir),

@@ -15,86 +15,46 @@ The recipe is the fine-tune recipe (``model.name`` is the *teacher*) plus a ``di
 from __future__ import annotations
 
 import dataclasses
+import random
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-# Top-level imports stay stdlib-only: the CLI imports this module to build its parser.
+import torch
+import torch.nn.functional as F
 
-
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class DistillConfig:
-    """The ``distill`` section of a recipe: how the student is built and what it learns from."""
-
-    student: str | None = _f(None, "A student model folder or alias to train instead of building one from the teacher (minilm-l3: the packaged 3-layer paraphrase-MiniLM-L3-v2).")
-    student_layers: int | None = _f(None, "Keep this many teacher layers, evenly spaced from first to last (6 → 3 keeps 0,2,5).")
-    student_layer_map: list[int] | None = _f(None, "Teacher layers to keep, e.g. 0,2,5 (overrides the even spacing).")
-    student_hidden_size: int | None = _f(None, "Narrower student with this hidden size, freshly initialised (needs many more steps).")
-    alpha: float = _f(0.5, "Weight of the hard-label cross-entropy; 1 - alpha weighs the soft teacher term (alpha=1: no KD).")
-    temperature: float = _f(2.0, "Softmax temperature of the soft term (the KL is scaled by T²).")
-    kl_direction: Literal["forward", "reverse"] = _f("forward", "forward: KL(teacher ‖ student); reverse: KL(student ‖ teacher), mode-seeking (causal LMs).")
-    logit_loss: Literal["kl", "mse"] = _f("kl", "Soft term on the logits: kl = T²·KL of tempered softmaxes; mse = mean squared error between raw logits (Kim et al. 2021; temperature and kl_direction unused).")
-    intermediate: bool = _f(False, "Also match hidden states (MSE) and attention maps (KL) of uniformly mapped layers (TinyBERT/PKD).")
-    hidden_weight: float = _f(1.0, "Weight of the hidden-state MSE term (with intermediate).")
-    attention_weight: float = _f(1.0, "Weight of the attention-map KL term (with intermediate; forces eager attention).")
-    teacher_dtype: Literal["float32", "bfloat16"] = _f("float32", "Precision the frozen teacher runs in (bfloat16 halves its memory).")
-    teacher_cache: Literal["auto", "on", "off"] = _f("auto", "Cache teacher logits on disk: auto = for classifiers without intermediate KD.")
-    cache_dir: str | None = _f(None, "Folder of teacher-logit caches (default: $SLIMTUNE_CACHE/distill).")
-    unlabeled: list[str] | None = _f(None, "Transfer set: CSV/TSV/JSONL files whose rows the student learns from the teacher's soft labels only (labels, if any, are ignored; rows equal to a labelled training row are dropped). Classifiers only.")
-    max_unlabeled_samples: int | None = _f(None, "Keep this many transfer-set rows, chosen by a seeded shuffle (None: all).")
-
-    def validate(self, recipe: Any) -> None:
-        """Raise RecipeError naming the key on bad values or contradictory settings."""
-        from slimtune.config.recipe import RecipeError
-
-        if not 0.0 <= self.alpha <= 1.0:
-            raise RecipeError(f"distill.alpha: must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise RecipeError(f"distill.temperature: must be > 0, got {self.temperature}")
-        if self.hidden_weight < 0 or self.attention_weight < 0:
-            raise RecipeError("distill.hidden_weight / distill.attention_weight: must be >= 0")
-        built = self.student_layers is not None or bool(self.student_layer_map) or self.student_hidden_size is not None
-        if self.student is not None and built:
-            raise RecipeError("distill.student: give a student folder or student_layers/layer_map/hidden_size, not both")
-        if self.student is None and not built:
-            raise RecipeError("distill: say how to build the student (--student-layers N, --student-layer-map 0,2,5 "
-                              "or --student DIR)")
-        if self.student is not None:
-            from slimtune.models.loading import ALIASES, ModelError, check_exists
-
-            if self.student not in ALIASES and not Path(self.student).is_dir():
-                raise RecipeError(f"distill.student: not a model folder or alias ({', '.join(ALIASES)}): "
-                                  f"{self.student}")
-            try:
-                check_exists(self.student)  # an alias whose package is missing says what to install
-            except ModelError as e:
-                raise RecipeError(f"distill.student: {e}") from None
-        if self.student_layers is not None and self.student_layers < 1:
-            raise RecipeError(f"distill.student_layers: must be >= 1, got {self.student_layers}")
-        if self.unlabeled:
-            if recipe.model.task != "classification":
-                raise RecipeError("distill.unlabeled: a transfer set is for classifiers (causal-LM text needs no labels: "
-                                  "add it to data.train)")
-            if self.alpha >= 1.0:
-                raise RecipeError("distill.unlabeled: transfer-set rows have no labels, so they need the teacher "
-                                  "(alpha < 1)")
-            for f in self.unlabeled:
-                if not Path(f).is_file():
-                    raise RecipeError(f"distill.unlabeled: file not found: {f}")
-        if self.max_unlabeled_samples is not None and self.max_unlabeled_samples < 1:
-            raise RecipeError(f"distill.max_unlabeled_samples: must be >= 1, got {self.max_unlabeled_samples}")
-        if self.alpha >= 1.0 and not self.intermediate:
-            print("[slimtune] distill.alpha = 1 without intermediate KD: plain fine-tuning of the student "
-                  "(the no-KD baseline)", file=sys.stderr)
-
+from slimtune.compress.distill.cache import hash_files, hash_state, teacher_cache
+from slimtune.compress.distill.losses import (
+    attention_kl,
+    causal_kd_mask,
+    hidden_mse,
+    kd_loss,
+    uniform_hidden_map,
+)
+from slimtune.compress.distill.settings import DistillConfig
+from slimtune.compress.distill.student import build_student
+from slimtune.config.fields import RecipeError
+from slimtune.data.datasets import (
+    ClassificationData,
+    DataError,
+    load_classification,
+    tokenize_classification,
+)
+from slimtune.evaluate.evaluator import classification_metrics
+from slimtune.io import update_json, weights_size_mb
+from slimtune.methods import MethodContext, get_method
+from slimtune.models.loading import (
+    cache_dir,
+    count_params,
+    label_names_of,
+    load_model,
+    load_tokenizer,
+    resolve,
+)
+from slimtune.train import distributed
+from slimtune.train.finetune import evaluate_any, export_model, prepare_data, seed_everything
+from slimtune.train.loop import peak_rss_mb, plan_steps, train
 
 # --------------------------------------------------------------------------------------------
 # The loss
@@ -123,14 +83,6 @@ class DistillLoss:
         self.last: dict[str, float] = {}  # the terms of the last batch (for tests and logs)
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> Any:
-        import torch
-
-        from slimtune.compress.distill.losses import (
-            attention_kl,
-            causal_kd_mask,
-            hidden_mse,
-            kd_loss,
-        )
 
         ids = batch.pop("example_ids", None)
         extra = {}
@@ -189,7 +141,6 @@ def masked_ce(logits: Any, labels: Any) -> Any:
         logits: (B, C) student logits.
         labels: (B,) class ids, -100 for transfer-set rows.
     """
-    import torch.nn.functional as F
 
     n = (labels >= 0).sum().clamp_min(1)
     return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum") / n
@@ -207,14 +158,6 @@ def add_transfer_set(recipe: Any, dcfg: DistillConfig, data: list[tuple[Any, Any
     Returns:
         Counts: ``read`` rows, ``duplicates`` dropped, ``added`` rows.
     """
-    import random
-
-    from slimtune.data.datasets import (
-        ClassificationData,
-        DataError,
-        load_classification,
-        tokenize_classification,
-    )
 
     d = recipe.data
     (first, first_tok), rest = data[0], data[1:]
@@ -253,7 +196,6 @@ def add_transfer_set(recipe: Any, dcfg: DistillConfig, data: list[tuple[Any, Any
 
 def _subset(data: Any, keep: list[int]) -> Any:
     """The rows ``keep`` of a TokenizedData (ids and token types only; no labels)."""
-    import dataclasses
 
     tt = data.token_type_ids
     return dataclasses.replace(data, input_ids=[data.input_ids[i] for i in keep],
@@ -266,7 +208,6 @@ def intermediate_maps(n_student: int, n_teacher: int, kept: list[int] | None) ->
     A student built from kept layers matches each layer with the teacher layer it came from;
     otherwise the uniform TinyBERT map is used.
     """
-    from slimtune.compress.distill.losses import uniform_hidden_map
 
     hidden = [0] + [k + 1 for k in kept] if kept is not None else uniform_hidden_map(n_student, n_teacher)
     return hidden, [h - 1 for h in hidden[1:]]
@@ -279,7 +220,6 @@ def attach_projection(student: Any, d_student: int, d_teacher: int) -> None:
     checkpoints include it with no change to the loop. :func:`detach_projection` removes it
     before export, so the saved student is a plain transformers model.
     """
-    import torch
 
     if d_student != d_teacher:
         student.add_module("distill_projection", torch.nn.Linear(d_student, d_teacher).to(
@@ -310,24 +250,6 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
     Returns the metrics: student accuracy/macro-F1 (or perplexity), teacher's, retention,
     parameter counts and sizes, the layer map, the cache status and the training summary.
     """
-    import torch
-
-    from slimtune.compress.distill.cache import hash_files, hash_state, teacher_cache
-    from slimtune.compress.distill.student import build_student
-    from slimtune.config.recipe import RecipeError
-    from slimtune.evaluate.evaluator import classification_metrics
-    from slimtune.io import update_json, weights_size_mb
-    from slimtune.methods import MethodContext, get_method
-    from slimtune.models.loading import (
-        cache_dir,
-        count_params,
-        label_names_of,
-        load_model,
-        load_tokenizer,
-        resolve,
-    )
-    from slimtune.train.finetune import evaluate_any, export_model, prepare_data, seed_everything
-    from slimtune.train.loop import peak_rss_mb, plan_steps, train
 
     if dcfg is None:
         if recipe.distill is None:
@@ -341,7 +263,6 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)
-    from slimtune.train import distributed
 
     distributed.init_distributed()  # under torchrun: join the group, pick this rank's GPU
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -483,12 +404,5 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
 
 

@@ -22,6 +22,7 @@ Top-level imports are stdlib only (the CLI is built without importing torch).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -30,6 +31,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from slimtune.compress.distill.losses import kd_loss
+from slimtune.compress.prune.structured import HEADS_UNSUPPORTED, prune_structured
+from slimtune.compress.prune.vocab import prune_vocabulary, read_corpus_texts
+from slimtune.config.fields import RecipeError
+from slimtune.config.recipe import DataConfig, ModelConfig, Recipe, TrainConfig
+from slimtune.data.datasets import load_classification, tokenize_classification
+from slimtune.evaluate.evaluator import evaluate_classifier
+from slimtune.io import atomic_write_json, update_json, weights_size_mb
+from slimtune.methods import MethodContext, get_method
+from slimtune.models.loading import count_params, label_names_of, load_model, load_tokenizer
+from slimtune.train.finetune import seed_everything
+from slimtune.train.loop import default_loss, train
 
 
 @dataclass
@@ -67,7 +83,6 @@ class PruneSettings:
 
     def validate(self) -> None:
         """Check ranges and files before any weight is loaded (errors name the flag)."""
-        from slimtune.config.recipe import RecipeError
 
         if not 0 <= self.sparsity < 1:
             raise RecipeError(f"--sparsity: must be in [0, 1), got {self.sparsity}")
@@ -75,7 +90,6 @@ class PruneSettings:
             if not 0 <= getattr(self, name) < 1:
                 raise RecipeError(f"--{name}: the fraction to remove must be in [0, 1), got {getattr(self, name)}")
         if self.heads:
-            from slimtune.compress.prune.structured import HEADS_UNSUPPORTED
 
             raise RecipeError(f"--heads: {HEADS_UNSUPPORTED}")
         if self.layers < 0:
@@ -107,9 +121,6 @@ def kd_loss_fn(teacher: Any, new_to_old: Any = None, temperature: float = 2.0, a
     (whose ``alpha`` weighs the hard loss, hence ``1 - alpha`` below). ``new_to_old`` maps a
     pruned vocabulary's ids back to the teacher's ids, so the unpruned teacher sees the same tokens.
     """
-    import torch
-
-    from slimtune.compress.distill.losses import kd_loss
 
     teacher.eval()
     for p in teacher.parameters():
@@ -128,7 +139,6 @@ def kd_loss_fn(teacher: Any, new_to_old: Any = None, temperature: float = 2.0, a
 
 
 def _label_names(model: Any) -> list[str]:
-    from slimtune.models.loading import label_names_of
 
     names = label_names_of(model)
     if all(n == f"LABEL_{i}" for i, n in enumerate(names)):
@@ -143,16 +153,6 @@ def run_prune(s: PruneSettings, log: Any = None) -> dict[str, Any]:
 
 def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """:func:`run_prune`, also returning the in-memory pruned ``(model, tokenizer, metrics)``."""
-    import torch
-
-    from slimtune.config.recipe import DataConfig, ModelConfig, Recipe, TrainConfig
-    from slimtune.data.datasets import load_classification, tokenize_classification
-    from slimtune.evaluate.evaluator import evaluate_classifier
-    from slimtune.io import atomic_write_json, update_json, weights_size_mb
-    from slimtune.methods import MethodContext, get_method
-    from slimtune.models.loading import count_params, load_model, load_tokenizer
-    from slimtune.train.finetune import seed_everything
-    from slimtune.train.loop import train
 
     say = log or (lambda msg: print(f"[slimtune prune] {msg}", file=sys.stderr))
     s.validate()
@@ -172,7 +172,6 @@ def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str,
     params_before = count_params(model)
     teacher = None
     if s.kd:
-        import copy
 
         teacher = copy.deepcopy(model)
     result: dict[str, Any] = {"task": "classification", "method": "prune", "base_model": s.model,
@@ -182,7 +181,6 @@ def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str,
     new_to_old = None
     tok_dir = out / ".tokenizer-tmp"
     if s.vocab_from:
-        from slimtune.compress.prune.vocab import prune_vocabulary, read_corpus_texts
 
         texts = read_corpus_texts(s.vocab_from)
         tokenizer, new_to_old, info = prune_vocabulary(model, tokenizer, texts, tok_dir,
@@ -198,7 +196,6 @@ def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str,
 
     # 2. whole layers and FFN neurons: a smaller dense model of the same architecture.
     if s.layers or s.ffn:
-        from slimtune.compress.prune.structured import prune_structured
 
         model, info = prune_structured(model, ffn=s.ffn, layers=s.layers, importance=s.importance,
                                        data=train_data, num_batches=s.importance_batches, seed=s.seed)
@@ -222,7 +219,6 @@ def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str,
     model = method.apply(model, mcfg, ctx)
     summary = None
     if s.recover_steps > 0:
-        from slimtune.train.loop import default_loss
 
         loss_fn = kd_loss_fn(teacher, new_to_old, s.kd_temperature, s.kd_alpha) if teacher is not None else default_loss
         say(f"recovery training: {s.recover_steps} steps{' with KD from the unpruned model' if teacher else ''}")

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
+
+from slimtune.data.datasets import DataError, load_classification
 
 
 class VocabPruneError(ValueError):
@@ -32,7 +35,6 @@ class VocabPruneError(ValueError):
 
 def read_corpus_texts(paths: Sequence[str | os.PathLike], encoding: str = "utf-8") -> list[str]:
     """All texts of the corpus files: text (and text-pair) columns of CSV/TSV/JSONL, lines of .txt."""
-    from slimtune.data.datasets import DataError, load_classification
 
     texts: list[str] = []
     for p in map(Path, paths):
@@ -117,7 +119,6 @@ def pruned_tokenizer_json(spec: dict[str, Any], keep_ids: Sequence[int]) -> dict
 
 def save_pruned_tokenizer(tokenizer: Any, keep_ids: Sequence[int], out_dir: str | os.PathLike) -> Any:
     """Write the pruned tokenizer (tokenizer.json, vocab.txt, configs) and return it reloaded."""
-    from transformers import AutoTokenizer
 
     spec = pruned_tokenizer_json(_wordpiece_json(tokenizer), keep_ids)
     out = Path(out_dir)

@@ -29,12 +29,29 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+from torch.ao.quantization import quantize_dynamic
 
+from slimtune.benchmark.timing import measure_latency
 from slimtune.compress.quant.api import Int8WeightConfig, QuantizedLinear, _set_module, quantize_
 from slimtune.compress.quant.linear import sqnr_db
-from slimtune.data.datasets import TokenizedData, collate, epoch_batches
+from slimtune.compress.quant.mixed import rank_layers
+from slimtune.compress.quant.onnx import (
+    ONNX_FILE,
+    ONNX_SIDECAR,
+    export_onnx,
+    load_onnx_classifier,
+    matmul_nodes,
+    optimize_onnx,
+    parity,
+    quantize_onnx,
+    write_onnx_folder,
+)
+from slimtune.compress.quant.storage import load_quantized, save_quantized
+from slimtune.data.datasets import TokenizedData
+from slimtune.io import atomic_write_json
+from slimtune.runtime.predict import Predict, predict_all, torch_predict
 
-Predict = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 BACKENDS = ("torch", "torchao", "onnxruntime")
 
 
@@ -50,31 +67,6 @@ class Candidate:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def predict_all(predict: Predict, data: TokenizedData, batch_size: int = 64) -> torch.Tensor:
-    """Logits (N, C) of ``predict`` over ``data`` in file order (length-sorted batches)."""
-    out: list[tuple[list[int], torch.Tensor]] = []
-    with torch.inference_mode():
-        for idx in epoch_batches(data.lengths(), batch_size, 0, 0, shuffle=False, group_by_length=True):
-            batch = collate(data, idx)
-            batch.pop("labels", None)
-            out.append((idx, predict(batch).float()))
-    logits = torch.empty(len(data), out[0][1].shape[-1])
-    for idx, lg in out:
-        logits[torch.tensor(idx)] = lg
-    return logits
-
-
-def torch_predict(model: nn.Module) -> Predict:
-    """A Predict for any HF classifier (eval mode, inference mode)."""
-    model.eval()
-
-    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(**batch).logits
-
-    return run
-
-
 # --------------------------------------------------------------------------------------------
 # torch: our int8 codes in fbgemm dynamic-quantized Linear modules
 # --------------------------------------------------------------------------------------------
@@ -83,7 +75,6 @@ def torch_predict(model: nn.Module) -> Predict:
 def to_torch_dynamic(model: nn.Module) -> nn.Module:
     """Swap every int8 per-channel symmetric :class:`QuantizedLinear` for torch's dynamic int8
     Linear built from the *same* codes and scales (no re-quantization). In place."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
 
     for fqn, m in list(model.named_modules()):
         if not isinstance(m, QuantizedLinear):
@@ -107,7 +98,6 @@ def to_torch_dynamic(model: nn.Module) -> nn.Module:
 
 def build_torch(model: nn.Module, work_dir: Path, tokenizer: Any, include_embeddings: bool = True) -> Candidate:
     """Per-channel int8 in slimtune's format, served through torch's dynamic int8 kernels."""
-    from slimtune.compress.quant.storage import load_quantized, save_quantized
 
     cfg = Int8WeightConfig(granularity="channel", symmetric=True, include_embeddings=include_embeddings)
     q = quantize_(copy.deepcopy(model).eval(), cfg)
@@ -121,7 +111,6 @@ def build_torch(model: nn.Module, work_dir: Path, tokenizer: Any, include_embedd
 
 def build_torch_baseline(model: nn.Module) -> Candidate:
     """``torch.ao.quantization.quantize_dynamic`` with its defaults (per-tensor, fp32 embeddings)."""
-    from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -132,8 +121,8 @@ def build_torch_baseline(model: nn.Module) -> Candidate:
 
 def build_torchao(model: nn.Module) -> Candidate:
     """torchao ``Int8DynamicActivationInt8WeightConfig`` on the Linear layers (eager mode)."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
-    from torchao.quantization import quantize_ as ao_quantize_
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig  # optional dependency (the quant extra)
+    from torchao.quantization import quantize_ as ao_quantize_  # optional dependency (the quant extra)
 
     q = copy.deepcopy(model).eval()
     ao_quantize_(q, Int8DynamicActivationInt8WeightConfig())
@@ -148,7 +137,6 @@ def build_torchao(model: nn.Module) -> Candidate:
 
 def onnx_predict(model_dir: Path, threads: int | None = None) -> Predict:
     """A Predict over an ONNX folder (see :func:`slimtune.compress.quant.onnx.load_onnx_classifier`)."""
-    from slimtune.compress.quant.onnx import load_onnx_classifier
 
     clf = load_onnx_classifier(model_dir, threads)
     return lambda batch: clf(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
@@ -158,7 +146,6 @@ def build_onnxruntime(model: nn.Module, work_dir: Path, tokenizer: Any, *, fused
                       per_channel: bool = True, quantize_embeddings: bool = True,
                       name: str = "onnxruntime-int8-fused") -> Candidate:
     """Export -> (fuse) -> ORT dynamic int8 quantization, in a self-describing ONNX folder."""
-    from slimtune.compress.quant.onnx import write_onnx_folder
 
     path = work_dir / name
     info = write_onnx_folder(model, path, tokenizer, optimize=fused, quantize=True,
@@ -176,18 +163,6 @@ def build_onnxruntime_mixed(model: nn.Module, work_dir: Path, tokenizer: Any, ca
     reaches the target on the calibration data, or ``max_layers`` is reached. Returns None
     when the all-int8 graph already reaches the target (nothing to add).
     """
-
-    from slimtune.compress.quant.mixed import rank_layers
-    from slimtune.compress.quant.onnx import (
-        ONNX_FILE,
-        ONNX_SIDECAR,
-        export_onnx,
-        matmul_nodes,
-        optimize_onnx,
-        parity,
-        quantize_onnx,
-    )
-    from slimtune.io import atomic_write_json
 
     path = work_dir / name
     path.mkdir(parents=True, exist_ok=True)
@@ -287,7 +262,6 @@ def time_candidates(predicts: dict[str, Predict], inputs: dict[str, torch.Tensor
     The fastest candidate is always kept: the pre-screen narrows a choice, it never leaves
     none (a backend forced by the user is its only candidate, and 3 calls on a busy CPU are noisy).
     """
-    from slimtune.benchmark.latency import measure_latency
 
     names = list(predicts)
     pre: dict[str, float] = {}

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from slimtune.compress.quant.linear import sqnr_db
+from slimtune.runtime.predict import predict_all as _pa
+from slimtune.runtime.predict import torch_predict
 
 
 def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +52,6 @@ def layer_sensitivity(model: nn.Module, predict_all: Any, data: Any, ref: torch.
 
 def rank_layers(model: nn.Module, data: Any, eligible: Any = None) -> list[tuple[float, str]]:
     """Linear layers (those ``eligible(name)`` allows) ranked by :func:`layer_sensitivity`."""
-    from slimtune.compress.quant.backends import predict_all as _pa
-    from slimtune.compress.quant.backends import torch_predict
 
     def run(m: nn.Module, d: Any) -> torch.Tensor:
         return _pa(torch_predict(m), d)

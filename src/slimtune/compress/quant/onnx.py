@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,7 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.export import Dim
+from transformers import AutoTokenizer
 
+from slimtune.compress.quant.linear import encode_affine
 from slimtune.io import atomic_write_json
 
 ONNX_FILE = "model.onnx"
@@ -109,7 +113,6 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, exporter: st
                               output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
                               opset_version=opset, do_constant_folding=True)
         elif exporter == "dynamo":
-            from torch.export import Dim
 
             b, s = Dim("batch"), Dim("sequence")
             torch.onnx.export(wrapper, tuple(ex.values()), str(path), dynamo=True, input_names=names,
@@ -131,12 +134,11 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, config: Any) -
     number of kernels per layer several times; a model type the optimizer does not know is
     copied unchanged (empty dict returned).
     """
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
+    from onnxruntime.transformers.fusion_options import FusionOptions  # optional dependency (the quant extra)
+    from onnxruntime.transformers.optimizer import optimize_model  # optional dependency (the quant extra)
 
     mtype = ORT_MODEL_TYPES.get(getattr(config, "model_type", ""))
     if mtype is None:
-        import shutil
 
         shutil.copyfile(src, dst)
         return {}
@@ -154,7 +156,7 @@ def matmul_nodes(path: str | os.PathLike) -> dict[str, str]:
     The TorchScript exporter names nodes by module scope: ``/model/bert/encoder/layer.0/
     output/dense/MatMul`` is module ``bert.encoder.layer.0.output.dense``.
     """
-    import onnx
+    import onnx  # optional dependency (the quant extra)
 
     out = {}
     for node in onnx.load(str(path), load_external_data=False).graph.node:
@@ -167,10 +169,8 @@ def weight_only_int8(path: str | os.PathLike, node_names: list[str]) -> int:
     """Store the constant weight of each named float MatMul as int8 + per-column scale, decoded
     by a DequantizeLinear node in the graph (float activations, ~4x smaller weight). In place.
     Returns how many weights were converted."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from slimtune.compress.quant.linear import encode_affine
+    import onnx  # optional dependency (the quant extra)
+    from onnx import helper, numpy_helper  # optional dependency (the quant extra)
 
     model = onnx.load(str(path))
     g = model.graph
@@ -211,7 +211,7 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel
     with ``quantize_embeddings`` the word/position tables (Gather, EmbedLayerNormalization)
     are stored int8 too, which is most of a small encoder's bytes.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # optional dependency (the quant extra)
 
     ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if quantize_embeddings else [])
     exclude = list(float_activation_nodes or [])
@@ -234,7 +234,7 @@ def session(path: str | os.PathLike, threads: int | None = None, fold_weight_dq:
     DequantizeLinear nodes unfolded unless ``session.disable_quant_qdq`` is set, which would
     otherwise decode those weights on every call).
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency (the quant extra)
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -286,7 +286,6 @@ class OnnxClassifier:
 
     def tokenizer(self) -> Any:
         """The folder's tokenizer (transformers AutoTokenizer)."""
-        from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
 

@@ -26,6 +26,8 @@ from slimtune.compress.quant.api import (
     encode_weight,
     tied_weight_ids,
 )
+from slimtune.config.recipe import TrainConfig
+from slimtune.train.loop import train
 
 
 class FakeQuantize(nn.Module):
@@ -81,8 +83,6 @@ def recover_(model: nn.Module, cfg: Any, train_data: Any, *, steps: int = 200, l
 
     Returns the training loop's summary.
     """
-    from slimtune.config.recipe import TrainConfig
-    from slimtune.train.loop import train
 
     method = FakeQuantMethod()
     method.apply(model, cfg)

@@ -20,10 +20,37 @@ Top-level imports are stdlib only (the CLI parser imports this module).
 
 from __future__ import annotations
 
-import os
+import copy
+import importlib
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
+import yaml
+
+from slimtune.benchmark.timing import hardware_fingerprint, sample_inputs, set_threads
+from slimtune.compress.quant import backends as B
+from slimtune.compress.quant.api import (
+    Int4WeightConfig,
+    Int8WeightConfig,
+    KMeansConfig,
+    NF4Config,
+    config_to_dict,
+    dequantize_,
+    quantize_,
+)
+from slimtune.compress.quant.linear import sqnr_db
+from slimtune.compress.quant.onnx import write_onnx_folder
+from slimtune.compress.quant.qat import recover_
+from slimtune.compress.quant.storage import export_dequantized as write_dequantized
+from slimtune.compress.quant.storage import load_quantized, save_quantized
+from slimtune.data.datasets import load_classification, tokenize_classification
+from slimtune.io import atomic_dir, atomic_write_json, weights_size_mb
+from slimtune.models.loading import ModelError, label_names_of, load_model, load_tokenizer
+from slimtune.runtime.predict import predict_all, torch_predict
 
 SCHEMES = ("int8", "int4", "nf4", "kmeans", "fp32")
 BACKEND_CHOICES = ("auto", "torch", "torchao", "onnxruntime")
@@ -44,7 +71,6 @@ def __getattr__(name: str) -> Any:
     # Lazy re-exports: `from slimtune.compress.quant.recipe import quantize_` works without importing torch
     # when only the CLI parser is built.
     if name in _API:
-        import importlib
 
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'slimtune.compress.quant.recipe' has no attribute {name!r}")
@@ -58,12 +84,6 @@ def make_config(scheme: str, *, granularity: str | None = None, group_size: int 
                 bits: int | None = None, symmetric: bool | None = None,
                 include_embeddings: bool = True) -> Any:
     """The config object for a scheme and CLI-style options, validated with clear errors."""
-    from slimtune.compress.quant.api import (
-        Int4WeightConfig,
-        Int8WeightConfig,
-        KMeansConfig,
-        NF4Config,
-    )
 
     if scheme not in SCHEMES:
         raise QuantizeError(f"--scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
@@ -118,9 +138,6 @@ def make_config(scheme: str, *, granularity: str | None = None, group_size: int 
 
 def _eval_setup(model_dir: Path, eval_path: str | None, tokenizer: Any, label_names: list[str],
                 max_eval_samples: int | None, max_length: int | None) -> Any:
-    import yaml
-
-    from slimtune.data.datasets import load_classification, tokenize_classification
 
     if eval_path is None:
         return None
@@ -171,19 +188,6 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
         calib_path, calib_samples: int8: texts for the mixed-precision search (labels unused);
             default ``train_path``, else ``eval_path`` (recorded in metrics.json).
     """
-    import copy
-    import tempfile
-
-    import torch
-
-    from slimtune.benchmark.latency import hardware_fingerprint, sample_inputs, set_threads
-    from slimtune.compress.quant import backends as B
-    from slimtune.compress.quant.api import config_to_dict, dequantize_, quantize_
-    from slimtune.compress.quant.linear import sqnr_db
-    from slimtune.compress.quant.storage import export_dequantized as write_dequantized
-    from slimtune.compress.quant.storage import load_quantized, save_quantized
-    from slimtune.io import atomic_dir, atomic_write_json, weights_size_mb
-    from slimtune.models.loading import ModelError, label_names_of, load_model, load_tokenizer
 
     cfg = make_config(scheme, granularity=granularity, group_size=group_size, bits=bits,
                       symmetric=symmetric, include_embeddings=include_embeddings)
@@ -217,8 +221,8 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
     inputs = sample_inputs(tok, batch_size, seq_len)
     if "token_type_ids" not in inputs or getattr(model.config, "type_vocab_size", 0) <= 1:
         inputs.pop("token_type_ids", None)
-    fp32_predict = B.torch_predict(model)
-    ref = B.predict_all(fp32_predict, data) if data is not None else None
+    fp32_predict = torch_predict(model)
+    ref = predict_all(fp32_predict, data) if data is not None else None
     ref_sample = fp32_predict(inputs).float()
     fp32 = {"size_mb": weights_size_mb(src), "accuracy": B.accuracy(ref, data.labels) if data else None}
 
@@ -229,7 +233,6 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work:
         if scheme in ("int8", "fp32"):
             if scheme == "fp32":
-                from slimtune.compress.quant.onnx import write_onnx_folder
 
                 path = Path(work) / "onnx-fp32"
                 info = write_onnx_folder(model, path, tok, optimize=True, quantize=False)
@@ -287,11 +290,11 @@ def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | N
             if not same:
                 raise RuntimeError(f"{tmp}: reloaded quantized model differs from the one saved")
             served = dequantize_(reloaded)  # decoded once at load: fp32 kernels, compact on disk
-            served_predict = B.torch_predict(served)
+            served_predict = torch_predict(served)
             lat, _ = B.time_candidates({"fp32": fp32_predict, "served": served_predict}, inputs,
                                        repeats=repeats, prescreen_ratio=1e9)
             fp32["latency_ms_p50"] = lat["fp32"]["p50_ms"]
-            lg = B.predict_all(served_predict, data) if data is not None else None
+            lg = predict_all(served_predict, data) if data is not None else None
             metrics.update(backend="torch (decoded to fp32 at load)", backend_reason=(
                 f"{scheme} is a weight-only storage format: codes are decoded once at load and run "
                 f"with fp32 kernels"), roundtrip_exact=same,
@@ -317,11 +320,6 @@ def _recover(model: Any, ptq: Any, cfg: Any, src: Path, tok: Any, names: list[st
              train_path: str, steps: int, lr: float, batch_size: int, max_length: int | None,
              work: Path) -> dict[str, Any]:
     """Run the fake-quant recovery fine-tune on a copy of ``model``; report PTQ vs QAT accuracy."""
-    import copy
-    import time
-
-    from slimtune.compress.quant import backends as B
-    from slimtune.compress.quant.qat import recover_
 
     train = _eval_setup(src, train_path, tok, names, steps * batch_size, max_length)
     t0 = time.perf_counter()
@@ -331,51 +329,13 @@ def _recover(model: Any, ptq: Any, cfg: Any, src: Path, tok: Any, names: list[st
                            "train_file": train_path, "seconds": round(time.perf_counter() - t0, 1),
                            "model": recovered}
     if data is not None:
-        out["ptq_accuracy"] = B.accuracy(B.predict_all(B.torch_predict(ptq), data), data.labels)
+        out["ptq_accuracy"] = B.accuracy(predict_all(torch_predict(ptq), data), data.labels)
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # Loading any slimtune output for inference
 # --------------------------------------------------------------------------------------------
-
-
-def load_classifier(model_dir: str | os.PathLike, threads: int | None = None) -> Any:
-    """A callable ``(input_ids, attention_mask=None, token_type_ids=None) -> logits`` for any
-    folder slimtune writes: ONNX (``model.onnx``), quantized (``quantization.json``; int8
-    per-channel runs on torch's int8 kernels, other schemes are decoded to float) or plain HF.
-    Returns float32 logits (batch, num_labels) as a torch tensor."""
-    d = Path(model_dir)
-    if (d / "model.onnx").is_file():
-        from slimtune.compress.quant.onnx import load_onnx_classifier
-
-        return load_onnx_classifier(d, threads)
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    if (d / "quantization.json").is_file():
-        from slimtune.compress.quant.api import dequantize_
-        from slimtune.compress.quant.backends import to_torch_dynamic
-        from slimtune.compress.quant.storage import load_quantized
-
-        model = dequantize_(to_torch_dynamic(load_quantized(d)))
-    else:
-        from slimtune.models.loading import load_model
-
-        model = load_model(str(d), "classification")
-    model.eval()
-
-    def run(input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> Any:
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
-        kw = {"attention_mask": torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)}
-        if token_type_ids is not None:
-            kw["token_type_ids"] = torch.as_tensor(token_type_ids)
-        with torch.inference_mode():
-            return model(input_ids=ids, **kw).logits.float()
-
-    run.config = model.config.to_dict()  # type: ignore[attr-defined]
-    return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +359,5 @@ def format_summary(m: dict[str, Any]) -> str:
            + (f" (post-training accuracy was {m['qat']['ptq_accuracy']:.4f})" if "ptq_accuracy" in m['qat'] else "")]
           if m.get("qat") else []),
         f"why: {m['backend_reason']}"])
-
-
 
 

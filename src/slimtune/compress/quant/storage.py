@@ -17,13 +17,16 @@ A quantized folder holds:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from slimtune.compress.quant.api import (
     QuantizedEmbedding,
@@ -48,7 +51,6 @@ class QuantizedFormatError(ValueError):
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, config: Any,
                    tokenizer: Any = None, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (after :func:`quantize_`) in the compact format; return the folder."""
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,6 @@ def read_sidecar(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _build_skeleton(model_dir: Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = AutoConfig.from_pretrained(model_dir)
     archs = getattr(cfg, "architectures", None) or []
@@ -119,7 +120,6 @@ def load_quantized(model_dir: str | os.PathLike, dequantize: bool = False) -> nn
         model_dir: folder with quantization.json, quantized.safetensors and config.json.
         dequantize: return plain float modules instead of quantized ones (faster forward).
     """
-    from safetensors.torch import load_file
 
     d = Path(model_dir)
     side = read_sidecar(d)
@@ -169,7 +169,6 @@ def _is_tied_alias(model: nn.Module, key: str, loaded: dict[str, torch.Tensor]) 
 def export_dequantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Write a plain HF folder (float ``model.safetensors``) with the quantized model's weights
     decoded: what stock ``transformers`` loads to reproduce the quantized model's outputs."""
-    import copy
 
     out = Path(out_dir)
     plain = dequantize_(copy.deepcopy(model))

@@ -1,0 +1,49 @@
+"""What every command shares: ``--config`` + flags derived from one settings dataclass,
+``--print-config``, and the resolved settings saved beside the output."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimtune.config.fields import add_flags, save_settings, settings_dict, settings_from_args
+
+
+def add_settings_arguments(p: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = ()) -> None:
+    """``--config``, one flag per field of ``cls``, and ``--print-config``."""
+    add_flags(p, cls, exclude=exclude)
+    add_print_config(p)
+
+
+def add_print_config(p: argparse.ArgumentParser) -> None:
+    """``--print-config``: print the resolved settings as YAML and stop before loading weights."""
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (defaults < --config < flags) as YAML and exit")
+
+
+def resolve_settings(cls: type, args: argparse.Namespace, command: str, section: str | None = None) -> Any:
+    """The validated settings of a command (``--config`` file, then flags)."""
+    return settings_from_args(cls, args, section=section or command, command=command)
+
+
+def print_config(args: argparse.Namespace, settings: Any) -> bool:
+    """With ``--print-config``: print ``settings`` (a dataclass or a dict) as YAML; True if printed."""
+    if not getattr(args, "print_config", False):
+        return False
+    tree = settings_dict(settings) if dataclasses.is_dataclass(settings) else settings
+    print(yaml.safe_dump(tree, sort_keys=False), end="")
+    return True
+
+
+def save_beside(settings: Any, output: str | Path, command: str) -> Path:
+    """Write the resolved settings as ``<command>.yaml`` in folder ``output`` (or beside a file
+    ``output`` as ``<output>.<command>.yaml``); ``--config`` reads it back."""
+    out = Path(output)
+    path = out / f"{command}.yaml" if out.is_dir() or not out.suffix else out.with_name(f"{out.name}.{command}.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_settings(settings, path)
+    return path

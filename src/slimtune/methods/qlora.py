@@ -1,0 +1,182 @@
+"""QLoRA (Dettmers et al., 2023): LoRA on top of frozen base linear weights held in 4-bit NF4.
+
+``apply`` puts PEFT LoRA on the model exactly as the ``lora`` method does, then replaces the base
+layer of every LoRA-wrapped linear by an :class:`NF4Linear`: 4-bit NF4 codes (two per byte) plus
+one float32 absmax per block of ``block_size`` weights (the codebook and block layout of
+``slimtune.compress.quant.codebook``), about 4.5 bits a weight instead of 32. The float base
+weights are freed. Forward decodes the weight on the fly; backward decodes it again instead of
+keeping a float copy per layer for the gradient (the frozen weight needs no gradient, only the
+input does), so no float copy of any quantized weight outlives a layer's call.
+
+What stays float: embeddings, norms, the LM head (tied to the embeddings in SmolLM2) and the
+classification head, as in QLoRA. The LoRA matrices train in float32.
+
+Export. The trained model computes ``decode(NF4(W)) + B A``; that is what is merged and written
+(``config.json`` + ``model.safetensors``, plain transformers), so the exported model gives the
+outputs that were evaluated during training. The PEFT adapter under ``adapter/`` is also written
+(``PeftModel.from_pretrained(base, DIR/adapter)``); applied onto the original float base it
+differs from the trained model by the NF4 rounding of the base (small, not zero).
+``qlora.json`` records how many layers and bytes were held in NF4.
+
+Checkpoints hold the LoRA weights only; on resume the NF4 codes are recomputed from the base
+(deterministic), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.compress.quant.codebook import NF4_CODE, encode_nf4
+from slimtune.compress.quant.linear import unpack_bits
+from slimtune.methods import MethodContext, register_method
+from slimtune.methods.lora import default_target_modules, export_peft, peft_task_type
+
+
+@dataclass
+class QLoraMethodConfig:
+    """QLoRA: LoRA via PEFT over an NF4 (4-bit) frozen base."""
+
+    r: int = field(default=16, metadata={"help": "qlora: rank of the LoRA update matrices (flag --lora-r)."})
+    alpha: float = field(default=32.0, metadata={"help": "qlora: scaling numerator; the update is scaled by alpha / r (flag --lora-alpha)."})
+    dropout: float = field(default=0.05, metadata={"help": "qlora: dropout on the LoRA input."})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "qlora: module names to adapt (their base weights go to NF4); None: every linear layer of the transformer blocks."})
+    block_size: int = field(default=64, metadata={"help": "qlora: consecutive base weights sharing one absmax (QLoRA: 64)."})
+    export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "qlora: what to write: merged model (dequantized base + LoRA), PEFT adapter under adapter/, or both."})
+
+    def validate(self, recipe: Any) -> None:
+        from slimtune.config.recipe import RecipeError
+
+        if self.r < 1:
+            raise RecipeError(f"method.r: must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise RecipeError(f"method.alpha: must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise RecipeError(f"method.dropout: must be in [0, 1), got {self.dropout}")
+        if self.block_size < 2:
+            raise RecipeError(f"method.block_size: must be >= 2, got {self.block_size}")
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """``x @ decode(W).T + b`` whose backward decodes W again instead of saving it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(x.dtype), layer.bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        w = ctx.layer.dequantized_weight(grad.dtype)  # (out, in)
+        return grad @ w, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen ``nn.Linear`` stored as NF4 codes + block absmax, decoded on every call."""
+
+    def __init__(self, linear: nn.Linear, block_size: int = 64):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.block_size = block_size
+        device = linear.weight.device
+        meta, t = encode_nf4(linear.weight.detach().float().cpu(), block_size)
+        self.register_buffer("qdata", t["qdata"].to(device))  # (numel / 2,) uint8
+        self.register_buffer("absmax", t["absmax"].to(device))  # (numel / block_size,) float32
+        self.register_buffer("code", NF4_CODE.clone().to(device), persistent=False)  # (16,)
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self._dtype = linear.weight.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded float weight (for code that reads ``.weight``: dtype/device checks)."""
+        return self.dequantized_weight(self._dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """decode_nf4's arithmetic, with the table on this module's device: (out, in)."""
+        numel = self.in_features * self.out_features
+        codes = unpack_bits(self.qdata, 4, numel).long().view(-1, self.block_size)
+        w = self.code[codes] * self.absmax[:, None]
+        return w.view(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NF4Matmul.apply(x, self)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the decoded weight."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.qdata.device, dtype=self._dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.dequantized_weight(self._dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        lin.requires_grad_(False)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 block_size={self.block_size}"
+
+
+def quantize_lora_bases(model: nn.Module, block_size: int) -> dict[str, int]:
+    """Swap the base layer of every PEFT LoRA linear for an :class:`NF4Linear` (in place).
+
+    Layers whose weight count ``block_size`` does not divide stay float. Returns counts:
+    layers quantized / kept float, float bytes replaced, NF4 bytes stored.
+    """
+    stats = {"layers": 0, "kept_float": 0, "float_bytes": 0, "nf4_bytes": 0}
+    for mod in list(model.modules()):
+        base = getattr(mod, "base_layer", None)
+        if not isinstance(base, nn.Linear) or not hasattr(mod, "lora_A"):
+            continue
+        if base.weight.numel() % block_size:
+            stats["kept_float"] += 1
+            continue
+        q = NF4Linear(base, block_size)
+        stats["layers"] += 1
+        stats["float_bytes"] += base.weight.numel() * base.weight.element_size()
+        stats["nf4_bytes"] += q.qdata.numel() + q.absmax.numel() * 4
+        mod.base_layer = q
+    return stats
+
+
+def dequantize_lora_bases(model: nn.Module) -> None:
+    """Put plain ``nn.Linear`` layers (decoded weights) back where :class:`NF4Linear` sits."""
+    for mod in list(model.modules()):
+        if isinstance(getattr(mod, "base_layer", None), NF4Linear):
+            mod.base_layer = mod.base_layer.to_linear()
+
+
+class QLoraMethod:
+    name = "qlora"
+    config_cls = QLoraMethodConfig
+
+    def apply(self, model: nn.Module, cfg: QLoraMethodConfig, ctx: MethodContext) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(task_type=peft_task_type(ctx.task), r=cfg.r, lora_alpha=cfg.alpha,
+                            lora_dropout=cfg.dropout,
+                            target_modules=cfg.target_modules or default_target_modules(model),
+                            base_model_name_or_path=ctx.base_model)
+        model = get_peft_model(model, config)
+        model._slimtune_qlora = quantize_lora_bases(model, cfg.block_size)  # read back by export
+        return model
+
+    def on_step_end(self, model: nn.Module, cfg: Any, step: int) -> None:
+        pass
+
+    def export(self, model: nn.Module, cfg: QLoraMethodConfig, out_dir: Path, ctx: MethodContext) -> nn.Module:
+        info = {"block_size": cfg.block_size, **getattr(model, "_slimtune_qlora", {}),
+                "merged_into": "the NF4-decoded base weights (what was trained and evaluated)"}
+        (out_dir / "qlora.json").write_text(json.dumps(info, indent=1))
+        dequantize_lora_bases(model)
+        return export_peft(model, out_dir, cfg.export, ctx.base_model)
+
+
+register_method(QLoraMethod())
