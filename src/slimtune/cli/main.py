@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from slimtune import __version__
@@ -39,6 +40,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(prog="slimtune", description="Make a pretrained transformer task-tuned, small and fast.")
     parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also load pickle weights (pytorch_model.bin, *.pt) from folders you trust; by "
+                             "default only safetensors and ONNX are loaded, since a pickle can run code")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     for name, (module_name, help_) in COMMANDS.items():
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     args.argv = argv  # --nproc re-launches this command
+    if args.allow_pickle:
+        os.environ["SLIMTUNE_ALLOW_PICKLE"] = "1"  # read by slimtune.models.loading (ranks inherit it)
     from slimtune.cli.errors import USER_ERRORS  # after parsing: it loads torch (slow for --help)
     from slimtune.data.packaged import expand_args  # after parsing, like USER_ERRORS
 

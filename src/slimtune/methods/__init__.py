@@ -48,6 +48,11 @@ class Method(Protocol):
         """Write ``config.json`` + ``model.safetensors`` (plain transformers) and any extras
         (adapters); return the plain exported model for evaluation."""
 
+    def load_exported(self, path: Path, task: str, dtype: str) -> torch.nn.Module | None:
+        """Rebuild a model this method exported in its own format (a folder with a
+        ``slimtune_method.json`` sidecar naming the method); None when plain transformers loads
+        the folder as it is (every method that exports a plain model)."""
+
 
 def register_method(method: Method) -> Method:
     """Register ``method`` under ``method.name`` (later registration of a name is an error)."""

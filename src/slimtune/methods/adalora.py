@@ -21,33 +21,33 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from slimtune.config.fields import RecipeError
+from slimtune.config.fields import RecipeError, setting
 from slimtune.methods import MethodContext, register_method
-from slimtune.methods.lora import default_target_modules, export_peft, peft_task_type
+from slimtune.methods._peft import default_target_modules, export_peft, peft_task_type
 
 
 @dataclass
 class AdaLoraMethodConfig:
     """AdaLoRA (adaptive rank budget) via PEFT."""
 
-    init_r: int = field(default=12, metadata={"help": "adalora: rank every adapted layer starts with."})
-    target_r: int = field(default=8, metadata={"help": "adalora: average final rank; the total budget target_r * n_layers is redistributed across layers."})
-    alpha: float = field(default=32.0, metadata={"help": "adalora: scaling numerator (update scaled by alpha / init_r)."})
-    dropout: float = field(default=0.05, metadata={"help": "adalora: dropout on the adapter input."})
-    tinit: int | None = field(default=None, metadata={"help": "adalora: steps before the rank budget starts shrinking (None: 10% of the run)."})
-    tfinal: int | None = field(default=None, metadata={"help": "adalora: last steps trained with the final ranks fixed (None: 20% of the run)."})
-    delta_t: int = field(default=1, metadata={"help": "adalora: re-allocate ranks every N steps during the budgeting phase."})
-    beta1: float = field(default=0.85, metadata={"help": "adalora: EMA factor of the importance (sensitivity) scores."})
-    beta2: float = field(default=0.85, metadata={"help": "adalora: EMA factor of their uncertainty."})
-    orth_reg_weight: float = field(default=0.5, metadata={"help": "adalora: weight of the orthogonality regulariser on P and Q."})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "adalora: module names to adapt; None: every linear layer of the transformer blocks."})
-    export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "adalora: what to write: merged model, PEFT adapter under adapter/, or both."})
+    init_r: int = setting(12, "adalora: rank every adapted layer starts with.", ge=1)
+    target_r: int = setting(8, "adalora: average final rank; the total budget target_r * n_layers is redistributed across layers.", ge=1)
+    alpha: float = setting(32.0, "adalora: scaling numerator (update scaled by alpha / init_r).", gt=0)
+    dropout: float = setting(0.05, "adalora: dropout on the adapter input.", ge=0, lt=1)
+    tinit: int | None = setting(None, "adalora: steps before the rank budget starts shrinking (None: 10% of the run).", ge=0)
+    tfinal: int | None = setting(None, "adalora: last steps trained with the final ranks fixed (None: 20% of the run).", ge=0)
+    delta_t: int = setting(1, "adalora: re-allocate ranks every N steps during the budgeting phase.", ge=1)
+    beta1: float = setting(0.85, "adalora: EMA factor of the importance (sensitivity) scores.", ge=0, lt=1)
+    beta2: float = setting(0.85, "adalora: EMA factor of their uncertainty.", ge=0, lt=1)
+    orth_reg_weight: float = setting(0.5, "adalora: weight of the orthogonality regulariser on P and Q.", ge=0)
+    target_modules: list[str] | None = setting(None, "adalora: module names to adapt; None: every linear layer of the transformer blocks.")
+    export: Literal["both", "merged", "adapter"] = setting("both", "adalora: what to write: merged model, PEFT adapter under adapter/, or both.")
 
     def validate(self, recipe: Any) -> None:
 
@@ -178,6 +178,10 @@ class AdaLoraMethod:
         for layer, row in _by_layer(ranks).items():
             print(f"[slimtune]   {layer}: " + " ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr)
         return export_peft(model, out_dir, cfg.export, ctx.base_model)
+
+    def load_exported(self, path: Path, task: str, dtype: str) -> None:
+        """None: the export is a plain transformers folder."""
+        return None
 
 
 register_method(AdaLoraMethod())

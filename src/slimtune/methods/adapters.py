@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,8 +40,9 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from slimtune.config.fields import RecipeError
+from slimtune.config.fields import RecipeError, setting
 from slimtune.methods import MethodContext, register_method
+from slimtune.models.loading import weights_kwargs
 
 # Output projections of the attention / FFN sublayers, per architecture family (regular
 # expressions searched in full module names).
@@ -70,13 +71,13 @@ ADAPTER_DIR = "adapters"
 class AdapterMethodConfig:
     """Bottleneck adapters (Houlsby / Pfeiffer)."""
 
-    size: int = field(default=64, metadata={"help": "adapters: bottleneck dimension (the adapter's hidden size)."})
-    placement: Literal["both", "attention", "ffn"] = field(default="both", metadata={"help": "adapters: after attention and FFN (both = Houlsby), FFN only (= Pfeiffer) or attention only."})
-    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = field(default="relu", metadata={"help": "adapters: activation between the down and up projections."})
-    train_norms: bool = field(default=False, metadata={"help": "adapters: also train the LayerNorm/RMSNorm weights (Houlsby did)."})
-    attention_modules: list[str] | None = field(default=None, metadata={"help": "adapters: regexes for the attention output projections (None: known architectures)."})
-    ffn_modules: list[str] | None = field(default=None, metadata={"help": "adapters: regexes for the FFN output projections (None: known architectures)."})
-    export: Literal["both", "adapter"] = field(default="both", metadata={"help": "adapters: adapter folder only, or also the whole model (loadable without the base)."})
+    size: int = setting(64, "adapters: bottleneck dimension (the adapter's hidden size).", ge=1)
+    placement: Literal["both", "attention", "ffn"] = setting("both", "adapters: after attention and FFN (both = Houlsby), FFN only (= Pfeiffer) or attention only.")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = setting("relu", "adapters: activation between the down and up projections.")
+    train_norms: bool = setting(False, "adapters: also train the LayerNorm/RMSNorm weights (Houlsby did).")
+    attention_modules: list[str] | None = setting(None, "adapters: regexes for the attention output projections (None: known architectures).")
+    ffn_modules: list[str] | None = setting(None, "adapters: regexes for the FFN output projections (None: known architectures).")
+    export: Literal["both", "adapter"] = setting("both", "adapters: adapter folder only, or also the whole model (loadable without the base).")
 
     def validate(self, recipe: Any) -> None:
 
@@ -233,7 +234,8 @@ def load_exported(path: Path, task: str, dtype: str = "float32") -> nn.Module:
         load_model(model, str(full), strict=True)
     else:  # adapter-only export: the base model from the path recorded at training time
         info = json.loads((path / ADAPTER_DIR / "adapter_config.json").read_text())
-        model = auto.from_pretrained(info["base_model_name_or_path"], config=config, dtype=getattr(torch, dtype))
+        base = info["base_model_name_or_path"]
+        model = auto.from_pretrained(base, config=config, dtype=getattr(torch, dtype), **weights_kwargs(base))
         load_adapters(model, path / ADAPTER_DIR)
     model.eval()
     return model

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slimtune.config.fields import setting
 from slimtune.methods import MethodContext, register_method
 
 
@@ -15,7 +16,7 @@ from slimtune.methods import MethodContext, register_method
 class FullConfig:
     """Full fine-tuning."""
 
-    freeze_embeddings: bool = field(default=False, metadata={"help": "full: keep the input embeddings frozen (saves optimizer memory; the embedding matrix is ~half of a small encoder)."})
+    freeze_embeddings: bool = setting(False, "full: keep the input embeddings frozen (saves optimizer memory; the embedding matrix is ~half of a small encoder).")
 
 
 class FullMethod:
@@ -35,6 +36,10 @@ class FullMethod:
     def export(self, model: torch.nn.Module, cfg: FullConfig, out_dir: Path, ctx: MethodContext) -> torch.nn.Module:
         model.save_pretrained(out_dir)
         return model
+
+    def load_exported(self, path: Path, task: str, dtype: str) -> None:
+        """None: the export is a plain transformers folder."""
+        return None
 
 
 register_method(FullMethod())

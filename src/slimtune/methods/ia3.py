@@ -10,15 +10,15 @@ the merged plain model plus the PEFT adapter under ``adapter/``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from slimtune.config.fields import RecipeError
+from slimtune.config.fields import RecipeError, setting
 from slimtune.methods import MethodContext, register_method
-from slimtune.methods.lora import export_peft, peft_task_type
+from slimtune.methods._peft import export_peft, peft_task_type
 
 # Fallback when PEFT has no entry for the model type: last name components.
 _KV_NAMES = ("key", "value", "k_proj", "v_proj", "k_lin", "v_lin", "key_proj", "value_proj")
@@ -29,9 +29,9 @@ _FFN_OUT_NAMES = ("down_proj", "fc2", "lin2", "dense_4h_to_h", "w2")
 class IA3MethodConfig:
     """(IA)^3 via PEFT."""
 
-    target_modules: list[str] | None = field(default=None, metadata={"help": "ia3: modules to rescale; None: keys, values and the FFN output layer (per architecture)."})
-    feedforward_modules: list[str] | None = field(default=None, metadata={"help": "ia3: which of target_modules are FFN layers (scaled on their input); None: detected with target_modules."})
-    export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "ia3: what to write: merged model, PEFT adapter under adapter/, or both."})
+    target_modules: list[str] | None = setting(None, "ia3: modules to rescale; None: keys, values and the FFN output layer (per architecture).")
+    feedforward_modules: list[str] | None = setting(None, "ia3: which of target_modules are FFN layers (scaled on their input); None: detected with target_modules.")
+    export: Literal["both", "merged", "adapter"] = setting("both", "ia3: what to write: merged model, PEFT adapter under adapter/, or both.")
 
     def validate(self, recipe: Any) -> None:
 
@@ -89,6 +89,10 @@ class IA3Method:
 
     def export(self, model: torch.nn.Module, cfg: IA3MethodConfig, out_dir: Path, ctx: MethodContext) -> torch.nn.Module:
         return export_peft(model, out_dir, cfg.export, ctx.base_model)
+
+    def load_exported(self, path: Path, task: str, dtype: str) -> None:
+        """None: the export is a plain transformers folder."""
+        return None
 
 
 register_method(IA3Method())

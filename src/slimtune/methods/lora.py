@@ -8,25 +8,26 @@ transformers) in the output folder, and the adapter alone in PEFT format under `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from slimtune.config.fields import RecipeError
+from slimtune.config.fields import RecipeError, setting
 from slimtune.methods import MethodContext, register_method
+from slimtune.methods._peft import default_target_modules, export_peft, peft_task_type
 
 
 @dataclass
 class LoraMethodConfig:
     """LoRA (Hu et al., 2021) via PEFT."""
 
-    r: int = field(default=16, metadata={"help": "lora: rank of the update matrices (flag --lora-r)."})
-    alpha: float = field(default=32.0, metadata={"help": "lora: scaling numerator; the update is scaled by alpha / r (flag --lora-alpha)."})
-    dropout: float = field(default=0.05, metadata={"help": "lora: dropout on the LoRA input."})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "lora: module names to adapt; None: every linear layer of the transformer blocks (detected per architecture)."})
-    export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "lora: what to write: merged model, PEFT adapter under adapter/, or both."})
+    r: int = setting(16, "lora: rank of the update matrices (flag --lora-r).", ge=1)
+    alpha: float = setting(32.0, "lora: scaling numerator; the update is scaled by alpha / r (flag --lora-alpha).", gt=0)
+    dropout: float = setting(0.05, "lora: dropout on the LoRA input.", ge=0, lt=1)
+    target_modules: list[str] | None = setting(None, "lora: module names to adapt; None: every linear layer of the transformer blocks (detected per architecture).")
+    export: Literal["both", "merged", "adapter"] = setting("both", "lora: what to write: merged model, PEFT adapter under adapter/, or both.")
 
     def validate(self, recipe: Any) -> None:
 
@@ -36,37 +37,6 @@ class LoraMethodConfig:
             raise RecipeError(f"method.alpha: must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise RecipeError(f"method.dropout: must be in [0, 1), got {self.dropout}")
-
-
-def peft_task_type(task: str) -> str:
-    """PEFT's task type for a slimtune task (decides which head goes in modules_to_save)."""
-    return "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
-
-
-def default_target_modules(model: torch.nn.Module) -> list[str]:
-    """Full names of every ``nn.Linear`` inside the transformer blocks.
-
-    The task head (classifier/score/lm_head) and the pooler are excluded: the head trains in
-    full through ``modules_to_save``, and tied output embeddings must stay tied. Full names,
-    not last components: PEFT matches by suffix, so ``dense`` would also catch ``pooler.dense``.
-    """
-    excluded = ("classifier", "score", "lm_head", "pooler", "pre_classifier")
-    names = [full_name for full_name, mod in model.named_modules()
-             if isinstance(mod, torch.nn.Linear) and not any(part in excluded for part in full_name.split("."))]
-    if not names:
-        raise ValueError("no linear layers found to adapt; set method.target_modules")
-    return sorted(names)
-
-
-def export_peft(model: Any, out_dir: Path, export: str, base_model: str) -> torch.nn.Module:
-    """Write a PEFT model as adapter (``out_dir/adapter``) and/or merged plain model."""
-    if export in ("both", "adapter"):
-        model.peft_config["default"].base_model_name_or_path = base_model
-        model.save_pretrained(out_dir / "adapter")
-    merged = model.merge_and_unload()
-    if export in ("both", "merged"):
-        merged.save_pretrained(out_dir)
-    return merged
 
 
 class LoraMethod:
@@ -91,6 +61,10 @@ class LoraMethod:
 
     def export(self, model: torch.nn.Module, cfg: LoraMethodConfig, out_dir: Path, ctx: MethodContext) -> torch.nn.Module:
         return export_peft(model, out_dir, cfg.export, ctx.base_model)
+
+    def load_exported(self, path: Path, task: str, dtype: str) -> None:
+        """None: the export is a plain transformers folder."""
+        return None
 
 
 register_method(LoraMethod())

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from slimtune.config.fields import RecipeError
+from slimtune.config.fields import RecipeError, setting
 from slimtune.methods import MethodContext, register_method
 
 # Modules never pruned: the task head and pooler are tiny and their rows are the classes.
@@ -40,16 +40,16 @@ SIDECAR_FORMAT = "slimtune-bitmask-v1"
 class MagnitudeConfig:
     """Unstructured magnitude pruning (Zhu & Gupta, 2017) or N:M semi-structured masks."""
 
-    sparsity: float = field(default=0.5, metadata={"help": "magnitude: final fraction of zeros in the pruned weights (ignored for N:M patterns)."})
-    schedule: Literal["gradual", "oneshot"] = field(default="gradual", metadata={"help": "magnitude: 'gradual' raises sparsity on the cubic schedule during training; 'oneshot' prunes to the final sparsity before training."})
-    scope: Literal["global", "layer"] = field(default="global", metadata={"help": "magnitude: one threshold over all pruned weights ('global': layers end up with different sparsity) or the same sparsity in every layer ('layer')."})
-    pattern: str = field(default="unstructured", metadata={"help": "magnitude: 'unstructured' or 'N:M' (e.g. '2:4': keep the N largest of every M consecutive input weights; speed only on GPUs with sparse tensor cores)."})
-    initial_sparsity: float = field(default=0.0, metadata={"help": "magnitude: sparsity at the start of the gradual schedule (s_i)."})
-    begin: float = field(default=0.0, metadata={"help": "magnitude: fraction of the run's steps at which gradual pruning starts (t0)."})
-    end: float = field(default=0.7, metadata={"help": "magnitude: fraction of the run's steps at which the final sparsity is reached; the rest of the run recovers."})
-    frequency: int = field(default=10, metadata={"help": "magnitude: recompute the masks every N optimizer steps (delta t of the schedule)."})
-    include_embeddings: bool = field(default=False, metadata={"help": "magnitude: also prune the input embedding matrix."})
-    sparse_sidecar: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "magnitude: write a bitmask-compressed copy under sparse/ ('auto': only when it is smaller than the dense file)."})
+    sparsity: float = setting(0.5, "magnitude: final fraction of zeros in the pruned weights (ignored for N:M patterns).", ge=0, lt=1)
+    schedule: Literal["gradual", "oneshot"] = setting("gradual", "magnitude: 'gradual' raises sparsity on the cubic schedule during training; 'oneshot' prunes to the final sparsity before training.")
+    scope: Literal["global", "layer"] = setting("global", "magnitude: one threshold over all pruned weights ('global': layers end up with different sparsity) or the same sparsity in every layer ('layer').")
+    pattern: str = setting("unstructured", "magnitude: 'unstructured' or 'N:M' (e.g. '2:4': keep the N largest of every M consecutive input weights; speed only on GPUs with sparse tensor cores).")
+    initial_sparsity: float = setting(0.0, "magnitude: sparsity at the start of the gradual schedule (s_i).", ge=0, lt=1)
+    begin: float = setting(0.0, "magnitude: fraction of the run's steps at which gradual pruning starts (t0).", ge=0, le=1)
+    end: float = setting(0.7, "magnitude: fraction of the run's steps at which the final sparsity is reached; the rest of the run recovers.", ge=0, le=1)
+    frequency: int = setting(10, "magnitude: recompute the masks every N optimizer steps (delta t of the schedule).", ge=1)
+    include_embeddings: bool = setting(False, "magnitude: also prune the input embedding matrix.")
+    sparse_sidecar: Literal["auto", "on", "off"] = setting("auto", "magnitude: write a bitmask-compressed copy under sparse/ ('auto': only when it is smaller than the dense file).")
 
     def validate(self, recipe: Any = None) -> None:
 
@@ -328,6 +328,10 @@ class MagnitudeMethod:
                           "faster only on GPUs with sparse tensor cores.")
         (out_dir / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
         return model
+
+    def load_exported(self, path: Path, task: str, dtype: str) -> None:
+        """None: the export is a plain transformers folder."""
+        return None
 
 
 register_method(MagnitudeMethod())

@@ -25,7 +25,7 @@ Checkpoints hold the LoRA weights only; on resume the NF4 codes are recomputed f
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,20 +35,21 @@ from torch import nn
 
 from slimtune.compress.quant.codebook import NF4_CODE, encode_nf4
 from slimtune.compress.quant.linear import unpack_bits
+from slimtune.config.fields import setting
 from slimtune.methods import MethodContext, register_method
-from slimtune.methods.lora import default_target_modules, export_peft, peft_task_type
+from slimtune.methods._peft import default_target_modules, export_peft, peft_task_type
 
 
 @dataclass
 class QLoraMethodConfig:
     """QLoRA: LoRA via PEFT over an NF4 (4-bit) frozen base."""
 
-    r: int = field(default=16, metadata={"help": "qlora: rank of the LoRA update matrices (flag --lora-r)."})
-    alpha: float = field(default=32.0, metadata={"help": "qlora: scaling numerator; the update is scaled by alpha / r (flag --lora-alpha)."})
-    dropout: float = field(default=0.05, metadata={"help": "qlora: dropout on the LoRA input."})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "qlora: module names to adapt (their base weights go to NF4); None: every linear layer of the transformer blocks."})
-    block_size: int = field(default=64, metadata={"help": "qlora: consecutive base weights sharing one absmax (QLoRA: 64)."})
-    export: Literal["both", "merged", "adapter"] = field(default="both", metadata={"help": "qlora: what to write: merged model (dequantized base + LoRA), PEFT adapter under adapter/, or both."})
+    r: int = setting(16, "qlora: rank of the LoRA update matrices (flag --lora-r).", ge=1)
+    alpha: float = setting(32.0, "qlora: scaling numerator; the update is scaled by alpha / r (flag --lora-alpha).", gt=0)
+    dropout: float = setting(0.05, "qlora: dropout on the LoRA input.", ge=0, lt=1)
+    target_modules: list[str] | None = setting(None, "qlora: module names to adapt (their base weights go to NF4); None: every linear layer of the transformer blocks.")
+    block_size: int = setting(64, "qlora: consecutive base weights sharing one absmax (QLoRA: 64).", ge=1)
+    export: Literal["both", "merged", "adapter"] = setting("both", "qlora: what to write: merged model (dequantized base + LoRA), PEFT adapter under adapter/, or both.")
 
     def validate(self, recipe: Any) -> None:
         from slimtune.config.recipe import RecipeError

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +54,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from slimtune.config.fields import RecipeError
+from slimtune.config.fields import RecipeError, setting
 from slimtune.methods import MethodContext, register_method
 
 WEIGHTS_NAME = "model_shared.safetensors"
@@ -65,13 +65,13 @@ FORMAT_VERSION = 2  # 2: + "share", "relax_rank" (a version-1 sidecar means "all
 class SharingMethodConfig:
     """Cross-layer parameter sharing (ALBERT-style) + recovery fine-tuning."""
 
-    groups: int | list[list[int]] = field(default=0, metadata={"help": "sharing: number of shared blocks (consecutive layers split evenly; 0: pairs of layers) or explicit groups of layer indices, e.g. [[0,1],[2,3,4,5]]."})
-    pattern: Literal["block", "cycle"] = field(default="block", metadata={"help": "sharing: with an integer groups, 'block' shares neighbours (6 layers, 3 groups: 0-1, 2-3, 4-5), 'cycle' layers a period apart (0-3, 1-4, 2-5)."})
-    init: Literal["mean", "first"] = field(default="mean", metadata={"help": "sharing: shared block starts as the mean of its members or as the first member."})
-    embedding_rank: int = field(default=0, metadata={"help": "sharing: factorise the word embeddings to rank k (ALBERT; SVD init); 0 keeps them."})
-    freeze_embeddings: bool = field(default=False, metadata={"help": "sharing: keep the (possibly factorised) embeddings frozen during recovery."})
-    share: Literal["all", "matrices"] = field(default="all", metadata={"help": "sharing: 'all' shares every parameter of a block; 'matrices' only the weight matrices (2-D), biases and norms stay per layer."})
-    relax_rank: int = field(default=0, metadata={"help": "sharing: per-layer rank-r residual B_i @ A_i on every shared nn.Linear (Relaxed Recursive Transformers; SVD init from W_i - W_shared); 0: none. Must be < min(in, out)."})
+    groups: int | list[list[int]] = setting(0, "sharing: number of shared blocks (consecutive layers split evenly; 0: pairs of layers) or explicit groups of layer indices, e.g. [[0,1],[2,3,4,5]].", ge=0)
+    pattern: Literal["block", "cycle"] = setting("block", "sharing: with an integer groups, 'block' shares neighbours (6 layers, 3 groups: 0-1, 2-3, 4-5), 'cycle' layers a period apart (0-3, 1-4, 2-5).")
+    init: Literal["mean", "first"] = setting("mean", "sharing: shared block starts as the mean of its members or as the first member.")
+    embedding_rank: int = setting(0, "sharing: factorise the word embeddings to rank k (ALBERT; SVD init); 0 keeps them.", ge=0)
+    freeze_embeddings: bool = setting(False, "sharing: keep the (possibly factorised) embeddings frozen during recovery.")
+    share: Literal["all", "matrices"] = setting("all", "sharing: 'all' shares every parameter of a block; 'matrices' only the weight matrices (2-D), biases and norms stay per layer.")
+    relax_rank: int = setting(0, "sharing: per-layer rank-r residual B_i @ A_i on every shared nn.Linear (Relaxed Recursive Transformers; SVD init from W_i - W_shared); 0: none. Must be < min(in, out).", ge=0)
 
     def validate(self, recipe: Any) -> None:
 

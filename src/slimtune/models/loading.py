@@ -137,6 +137,31 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def pickle_allowed() -> bool:
+    """Whether the user opted into pickle weights (``slimtune --allow-pickle`` sets this)."""
+    return os.environ.get("SLIMTUNE_ALLOW_PICKLE", "") == "1"
+
+
+def weights_kwargs(path: str) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments that load safetensors only (unless pickles are allowed).
+
+    Raises:
+        ModelError: a local folder that holds only pickle weights (one line naming the file).
+    """
+    if pickle_allowed():
+        return {}
+    p = Path(path)
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelError(f"{p / pickles[0]}: pickle weights are not loaded (they can run code); convert the "
+                             "folder to safetensors, or pass --allow-pickle if you trust it")
+    return {"use_safetensors": True}
+
+
 def load_model(name: str, task: str, *, label_names: list[str] | None = None,
                dtype: str = "float32", trust_remote_code: bool = False, pad_token_id: int | None = None) -> Any:
     """Load a model for ``task`` ('classification' or 'causal-lm').
@@ -151,7 +176,7 @@ def load_model(name: str, task: str, *, label_names: list[str] | None = None,
     if custom is not None:  # a folder in a method's own format (bottleneck adapters, shared layers)
         return custom
     torch_dtype = getattr(torch, dtype)
-    kw: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    kw: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **weights_kwargs(path)}
     try:
         if task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
