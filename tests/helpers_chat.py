@@ -16,10 +16,12 @@ EXTRA = ["system", "user", "assistant", "System", "User", "Assistant", "###", ":
 NEGATIVE = {"bad", "awful", "poor", "hate", "sad", "boring"}
 
 
-def make_tiny_chat_llama(out: Path, template: str | None = CHATML, layers: int = 2, hidden: int = 32) -> Path:
+def make_tiny_chat_llama(out: Path, template: str | None = CHATML, layers: int = 2, hidden: int = 32,
+                         init_std: float = 0.02) -> Path:
     """Save a tiny random LlamaForCausalLM + word-level tokenizer (with ``template``) to ``out``.
 
     EOS is ``<|im_end|>`` (as in SmolLM2-Instruct) when the template is ChatML, else ``</s>``.
+    A larger ``init_std`` gives a random model whose greedy answers vary (not one token repeated).
     """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -38,7 +40,7 @@ def make_tiny_chat_llama(out: Path, template: str | None = CHATML, layers: int =
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=True,
+                      max_position_embeddings=256, tie_word_embeddings=True, initializer_range=init_std,
                       bos_token_id=vocab["<s>"], eos_token_id=vocab[eos])
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
 
 import torch
+import yaml
 from tiny import WORDS, bert_tokenizer, sentiment_rows, write_tsv
 
 from slimtune.cli.main import main
@@ -114,7 +116,9 @@ def test_cli_bad_input_exits_2_and_keeps_files(tmp_path: Path, capsys, tiny_bert
     assert train.read_text() == before
     assert main([*base, "--input", str(train), "--output", str(tmp_path / "o.tsv"), "--prob", "0"]) == 2
     assert "--prob" in capsys.readouterr().err
-    assert not (tmp_path / "o.tsv").exists()
+    assert not (tmp_path / "o.tsv").exists() and not (tmp_path / "o.tsv.augment.yaml").exists()
+    assert main(["augment", "--input", str(train), "--output", str(tmp_path / "o.tsv")]) == 2  # no --model
+    assert "--model: is required" in capsys.readouterr().err
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\nfine\t1\n\t0\n")
     assert main([*base, "--input", str(bad), "--output", str(tmp_path / "o.tsv")]) == 2
@@ -137,3 +141,27 @@ def test_bpe_vocabularies_count_only_word_initial_tokens() -> None:
     assert table["movie"] == vocab["Ġmovie"] and table["good"] == vocab["Ġgood"]
     bare = [t for t in vocab if t.isalpha() and t.isascii() and len(t) > 1 and "Ġ" + t not in vocab]
     assert bare and not set(bare) & set(table)  # word-internal pieces are never replacement words
+
+
+def test_cli_settings_file_repeats_the_run(tmp_path: Path, capsys, tiny_assets, tiny_bert_dir: Path) -> None:  # noqa: ANN001
+    """OUTPUT.augment.yaml holds the resolved settings; --config reads it back (flags win)."""
+    out = tmp_path / "a.tsv"
+    flags = ["--copies", "2", "--prob", "0.6", "--no-swap-pairs", "--seed", "5", "--neighbours", "3"]
+    assert main(["augment", "--model", str(tiny_bert_dir), "--input", str(tiny_assets.tsv(30)),
+                 "--output", str(out), *flags]) == 0
+    saved = tmp_path / "a.tsv.augment.yaml"
+    settings = yaml.safe_load(saved.read_text())
+    assert settings == {**dataclasses.asdict(AugmentConfig()), "model": str(tiny_bert_dir),
+                        "input": str(tiny_assets.tsv(30)), "output": str(out), "copies": 2, "prob": 0.6,
+                        "swap_pairs": False, "seed": 5, "neighbours": 3}
+    again = tmp_path / "b.tsv"
+    assert main(["augment", "--config", str(saved), "--output", str(again)]) == 0
+    assert again.read_text() == out.read_text()
+    assert yaml.safe_load((tmp_path / "b.tsv.augment.yaml").read_text()) == {**settings, "output": str(again)}
+    capsys.readouterr()
+    assert main(["augment", "--config", str(saved), "--copies", "4", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == {**settings, "copies": 4}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(saved.read_text() + "copiez: 3\n")
+    assert main(["augment", "--config", str(bad), "--print-config"]) == 2
+    assert "unknown key 'copiez'" in capsys.readouterr().err

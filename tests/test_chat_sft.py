@@ -271,6 +271,19 @@ def test_finetune_sft_every_method(method: str, model_dir: Path, files: dict[str
     assert len(out) == 1 and out[0].finish_reason in ("eos", "length")
 
 
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_template_used_is_recorded_and_saved_with_the_model(mode: str, files: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from slimtune.data.chat import PLAIN_CHAT_TEMPLATE
+
+    bare = make_tiny_chat_llama(tmp_path / "bare", template=None)  # a tokenizer without a chat template
+    m = run_finetune(_recipe(bare, files, tmp_path / "out", "lora", chat_template=mode))
+    want = {"auto": ("fallback", FALLBACK_CHAT_TEMPLATE), "none": ("none", PLAIN_CHAT_TEMPLATE)}[mode]
+    assert m["chat_template"] == want[0] and m["data"]["train"]["chat_template"] == want[0]
+    assert "it is saved as the model's chat template" in capsys.readouterr().err
+    assert load_tokenizer(str(tmp_path / "out")).chat_template == want[1]  # generate prompts as trained
+
+
 def test_sft_learns_the_label_task(model_dir: Path, tmp_path: Path) -> None:
     files = {"train": write_jsonl(tmp_path / "train.jsonl", polarity_rows(64, seed=1)),
              "eval": write_jsonl(tmp_path / "eval.jsonl", polarity_rows(16, seed=2))}

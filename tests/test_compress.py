@@ -74,6 +74,12 @@ def test_compress_contract_then_honest_miss(setup: dict[str, Path]) -> None:
     m = json.loads((out / "best" / "metrics.json").read_text())
     assert {"accuracy", "size_mb", "latency_ms_p50"} <= set(m) and m["meets_constraints"] is True
     assert m["candidate"] == best["name"]
+    # OUT/compress.yaml holds the resolved settings; --config reads it back unchanged
+    import yaml
+
+    from slimtune.config.fields import settings_dict
+
+    assert yaml.safe_load((out / "compress.yaml").read_text()) == settings_dict(s)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert f"{best['test_accuracy']:.4f} vs" in summary["verdict"]  # the held-out figure is in the verdict
     assert "test retention" in (out / "report.md").read_text()
@@ -103,11 +109,11 @@ def test_compress_contract_then_honest_miss(setup: dict[str, Path]) -> None:
 
 def test_bench_cli_hf_and_onnx(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from slimtune.cli.main import main
-    from slimtune.compress.quant.recipe import run_quantize
+    from slimtune.compress.quant.recipe import QuantizeSettings, run_quantize
 
     onnx_dir = tmp_path / "int8"
-    run_quantize(str(setup["teacher"]), "int8", str(onnx_dir), backend="onnxruntime", seq_len=16, repeats=2,
-                 min_sqnr_db=-100, max_accuracy_drop=100)
+    run_quantize(QuantizeSettings(model=str(setup["teacher"]), output=str(onnx_dir), scheme="int8",
+                                  backend="onnxruntime", seq_len=16, repeats=2, min_sqnr_db=-100))
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", str(setup["teacher"]), str(onnx_dir), "--batch-sizes", "1,2",
                  "--seq-lens", "16", "--repeats", "3", "--eval", str(setup["eval"]), "--output", str(out)]) == 0
@@ -120,4 +126,14 @@ def test_bench_cli_hf_and_onnx(setup: dict[str, Path], tmp_path: Path, capsys: p
         assert all(e["p50_ms"] > 0 and e["throughput_per_s"] > 0 for e in r["latency"])
     assert res["hardware"]["cores"] >= 1 and "torch" in res["hardware"]
     assert "x faster" in capsys.readouterr().out
+    # the settings are written beside the JSON, and --config reads them back
+    import yaml
+
+    saved = tmp_path / "bench.json.bench.yaml"
+    assert yaml.safe_load(saved.read_text())["batch_sizes"] == [1, 2]
+    assert main(["bench", "--config", str(saved), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(saved.read_text())
     assert main(["bench", "--model", str(tmp_path / "missing")]) == 2  # one clear line, no traceback
+    assert "--model: not a model folder" in capsys.readouterr().err
+    assert main(["bench", "--model", str(setup["teacher"]), "--repeats", "0"]) == 2  # a range, not a traceback
+    assert capsys.readouterr().err.strip() == "slimtune bench: error: --repeats: must be >= 1, got 0"

@@ -512,3 +512,38 @@ def test_transfer_set_extends_teacher_and_student_data_alike(tmp_path: Path, tin
     with pytest.raises(DataError, match="pairs.tsv"):
         add_transfer_set(recipe, DistillConfig(student_layers=1, unlabeled=[str(tmp_path / "pairs.tsv")]),
                          [(teacher, tok)])
+
+
+# ---------------------------------------------------------------------------- validate before loading or writing
+
+VALIDATE_CASES = {  # case -> (distill section, teacher folder kwargs, the reason in the one-line error)
+    "layers": ({"student_layers": 3}, {}, "student layers must be in 1..2"),
+    "layer map": ({"student_layer_map": [0, 2]}, {}, "indices must be in 0..1"),
+    "width": ({"student_layers": 1, "student_hidden_size": 12}, {}, "multiple of the head size 8"),
+    "classes": ({"student_layers": 1}, {"id2label": {0: "neg", 1: "pos"}}, "the teacher's classes ['neg', 'pos']"),
+    "tokenizer": ({"student": "OTHER_VOCAB", "intermediate": True}, {}, "its tokenizer differs from the teacher's"),
+}
+
+
+@pytest.mark.parametrize("case", list(VALIDATE_CASES))
+def test_validate_catches_what_distill_rejects_after_loading(case: str, tmp_path: Path, capsys, tiny_assets) -> None:  # noqa: ANN001
+    """What distill finds only with the teacher loaded, validate finds from configs and tokenizers;
+    distill itself refuses it before writing anything (no output folder, no recipe.yaml)."""
+    import yaml
+    from tiny import QUANT_VOCAB
+
+    from slimtune.cli.main import main
+
+    section, teacher_kw, reason = VALIDATE_CASES[case]
+    if section.get("student") == "OTHER_VOCAB":
+        section = {**section, "student": str(tiny_assets.bert(vocab=QUANT_VOCAB))}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name": str(tiny_assets.bert(**teacher_kw))},
+                                      "data": {"train": str(tiny_assets.tsv(24))}, "distill": section,
+                                      "train": {"max_steps": 1, "tensorboard": False}}))
+    out = tmp_path / "out"
+    for argv in (["validate", str(recipe)], ["distill", "--config", str(recipe), "--output", str(out)]):
+        assert main(argv) == 2, argv
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("slimtune ")]
+        assert len(err) == 1 and reason in err[0], (argv, err)
+    assert not out.exists()

@@ -21,7 +21,6 @@ import pytest
 import torch
 from helpers_distributed import HALF, STEPS, make_assets, run
 from safetensors.torch import load_file
-from tiny import make_tiny_bert
 
 from slimtune.train.distributed import local_slice, strip_nproc
 
@@ -159,11 +158,11 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_distributed_job_then_resume_is_bit_identical(assets, tmp_path):
+def test_kill_9_of_a_distributed_job_then_resume_is_bit_identical(assets, tmp_path, tiny_bert_dir):
     """SIGKILL the whole 2-rank job mid-run (launcher and ranks); the same command resumes from
     the last checkpoint and ends with exactly the weights of an unbroken 2-rank run. Dropout is
     on: each rank's RNG stream comes back from the checkpoint too."""
-    model = make_tiny_bert(tmp_path / "bert_dropout")
+    model = tiny_bert_dir  # dropout on
     args = [sys.executable, "-m", "slimtune.cli.main", "finetune", "--nproc", "2", "--model", str(model),
             "--train", str(assets / "train.tsv"), "--max-steps", "300", "--batch-size", "7", "--lr", "5e-4",
             "train.save_every=20", "train.tensorboard=false"]

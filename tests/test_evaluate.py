@@ -11,7 +11,11 @@ import torch.nn.functional as F
 from tiny import BERT_VOCAB, LLAMA_VOCAB, bert_classifier
 
 from slimtune.data.datasets import TokenizedData, read_text_files, tokenize_causal
-from slimtune.evaluate.evaluator import classification_metrics, evaluate_causal_lm, evaluate_classifier
+from slimtune.evaluate.evaluator import (
+    classification_metrics,
+    evaluate_causal_lm,
+    evaluate_classifier,
+)
 
 metrics_sk = pytest.importorskip("sklearn.metrics")
 

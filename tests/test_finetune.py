@@ -126,6 +126,16 @@ def test_cli_reports_bad_input_without_traceback(files, tmp_path):
                         "--train", str(bad), "--output", str(tmp_path / "o")], env=ENV, capture_output=True, text=True)
     assert r.returncode == 2
     assert "bad.tsv:3: row has 3 fields" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()  # the data is read before anything is written
+
+
+def test_missing_train_or_output_is_a_one_line_user_error(files, tmp_path, capsys):
+    assert main(["finetune", "--model", str(files["bert"]), "--output", str(tmp_path / "o")]) == 2
+    assert "slimtune finetune: error: --train (data.train) is required" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(files["bert"]), "--train", str(files["train"]),
+                 "--student-layers", "1"]) == 2
+    assert "slimtune distill: error: --output (output) is required" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_causal_lm_lora_lowers_perplexity_and_merged_loads(files, tmp_path):

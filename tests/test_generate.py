@@ -35,7 +35,7 @@ def _one_thread() -> object:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_chat_llama(tmp_path_factory.mktemp("gen") / "llama", layers=2, hidden=64)
+    return make_tiny_chat_llama(tmp_path_factory.mktemp("gen") / "llama", layers=2, hidden=64, init_std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,32 @@ def test_greedy_matches_transformers_generate(lm) -> None:  # noqa: ANN001
     ref = _hf_greedy(model, ids, mask, 24, eos)
     got = generate_ids(model, tok, batch, cfg)
     assert [g.token_ids for g in got] == ref
+    assert len({t for g in got for t in g.token_ids}) > 10  # a varied path, not one token repeated
     assert all(g.finish_reason == ("eos" if g.token_ids[-1] == eos else "length") for g in got)
+
+
+def test_greedy_stops_at_eos_like_transformers(lm) -> None:  # noqa: ANN001
+    model, tok = lm
+    batch = [prompt_ids(tok, p) for p in PROMPTS]
+    path = generate_ids(model, tok, batch[:1], SamplingConfig(max_new_tokens=24))[0].token_ids
+    extra = path[5]  # make a token of the first path an EOS: rows now finish at different steps
+    gen = model.generation_config
+    old = gen.eos_token_id
+    gen.eos_token_id = [tok.eos_token_id, extra]
+    try:
+        got = generate_ids(model, tok, batch, SamplingConfig(max_new_tokens=24))
+        L = max(map(len, batch))
+        ids = torch.tensor([[0] * (L - len(b)) + b for b in batch])
+        mask = torch.tensor([[0] * (L - len(b)) + [1] * len(b) for b in batch])
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0)
+    finally:
+        gen.eos_token_id = old
+    ref = []
+    for r in out[:, L:].tolist():
+        cut = next((i for i, t in enumerate(r) if t in (tok.eos_token_id, extra)), None)
+        ref.append(r if cut is None else r[: cut + 1])
+    assert [g.token_ids for g in got] == ref
+    assert got[0].finish_reason == "eos" and len(got[0].token_ids) <= 6
 
 
 def test_sampling_is_seeded_and_degenerates_to_greedy(lm) -> None:  # noqa: ANN001
@@ -145,7 +170,7 @@ def tuned(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     out = root / "lora"
     run_finetune(resolve({"output": str(out), "model": {"name": str(model_dir), "task": "causal-lm"},
                           "data": {"train": str(train), "eval": str(test), "max_length": 32},
-                          "train": {"max_steps": 60, "batch_size": 8, "lr": 2e-2, "warmup_ratio": 0.0,
+                          "train": {"max_steps": 24, "batch_size": 8, "lr": 5e-2, "warmup_ratio": 0.0,
                                     "tensorboard": False, "progress": False, "seed": 0},
                           "method": {"name": "lora", "r": 8}}))
     return {"out": out, "test": test}
@@ -175,22 +200,29 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture[str], stdin: str | None 
 def test_generate_command(tuned: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                           tmp_path: Path) -> None:
     out = tuned["out"]
+    model, tok, _ = load_for_generation(out)
+    cfg = SamplingConfig(max_new_tokens=4)
+    want = [g.text for g in generate_text(model, tok, ["review ?\n\nfilm love", "review ?\n\nplot awful"], cfg)]
     rc, text, err = _cli(["--model", out, "--prompt", "review ?\n\nfilm love", "--max-new-tokens", 4], capsys)
-    assert rc == 0 and text.strip() == "fresh", (text, err)
-    rc, text, _ = _cli(["--model", out], capsys, stdin=json.dumps([{"role": "user", "content": "review ?\n\nplot awful"}]),
-                       monkeypatch=monkeypatch)
-    assert rc == 0 and text.strip() == "rotten"
-    rc, text2, _ = _cli(["--model", out / "adapter"], capsys, stdin="review ?\n\nplot awful", monkeypatch=monkeypatch)
+    assert rc == 0 and text == want[0] + "\n", (text, err)
+    chat = json.dumps([{"role": "user", "content": "review ?\n\nplot awful"}])
+    rc, text, _ = _cli(["--model", out, "--max-new-tokens", 4], capsys, stdin=chat, monkeypatch=monkeypatch)
+    assert rc == 0 and text == want[1] + "\n"
+    rc, text2, _ = _cli(["--model", out / "adapter", "--max-new-tokens", 4, "--no-stream"], capsys,
+                        stdin="review ?\n\nplot awful", monkeypatch=monkeypatch)
     assert text2 == text  # plain-text stdin == the same user message; adapter folder == merged
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "review ?", "input": "story great", "output": "fresh"},
-                                                 {"messages": [{"role": "user", "content": "review ?\n\nscene sad"}]},
-                                                 {"prompt": "review ?\n\nactor hate"}])
+    rows = [{"instruction": "review ?", "input": "story great", "output": "fresh"},
+            {"messages": [{"role": "user", "content": "review ?\n\nscene sad"}]},
+            {"prompt": "review ?\n\nactor hate"}]
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
     answers = tmp_path / "a.jsonl"
-    rc, _, err = _cli(["--model", out, "--input", prompts, "--output", answers, "--max-new-tokens", 4], capsys)
+    rc, _, err = _cli(["--model", out, "--input", prompts, "--output", answers, "--max-new-tokens", 4,
+                       "--batch-size", 2], capsys)
     assert rc == 0 and "3 answer(s)" in err
-    rows = [json.loads(x) for x in answers.read_text().splitlines()]
-    assert [r["generated"] for r in rows] == ["fresh", "rotten", "rotten"] and rows[0]["reference"] == "fresh"
-    assert "reference" not in rows[1] and rows[0]["finish_reason"] == "eos"
+    got = [json.loads(x) for x in answers.read_text().splitlines()]
+    lib = generate_text(model, tok, ["review ?\n\nstory great", "review ?\n\nscene sad", "review ?\n\nactor hate"], cfg)
+    assert [r["generated"] for r in got] == [g.text for g in lib]  # batched (left-padded) == the library
+    assert got[0]["reference"] == "fresh" and "reference" not in got[1] and [r["line"] for r in got] == [1, 2, 3]
     rc, _, err = _cli(["--model", out, "--prompt", "x", "--top-p", "0"], capsys)
     assert rc == 2 and "top_p must be in (0, 1]" in err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, "{oops"])
@@ -201,9 +233,12 @@ def test_generate_command(tuned: dict[str, Path], capsys: pytest.CaptureFixture[
 def test_evaluate_command_on_chat_data(tuned: dict[str, Path], tmp_path: Path) -> None:
     from slimtune.evaluate.evaluator import format_report, run_evaluate
 
+    trained = json.loads((tuned["out"] / "metrics.json").read_text())  # what finetune measured
     m = run_evaluate(str(tuned["out"]), str(tuned["test"]), output=str(tmp_path / "m.json"))
-    assert m["exact_match"] >= 0.9 and m["accuracy"] >= 0.9 and m["answer_perplexity"] < 2.0, m
-    assert m["answer_perplexity"] == m["perplexity"] and len(m["samples"]) == 5
+    for k in ("exact_match", "accuracy", "answer_tokens"):
+        assert m[k] == trained[k], k
+    assert m["answer_perplexity"] == pytest.approx(trained["answer_perplexity"], rel=1e-4)
+    assert m["answer_perplexity"] == m["perplexity"] and len(m["samples"]) == 5 and m["generated"] == 16
     assert json.loads((tmp_path / "m.json").read_text())["exact_match"] == m["exact_match"]
     report = format_report(m)
     assert "exact match" in report and "perplexity (answer tokens)" in report and "fresh" in report

@@ -125,7 +125,7 @@ def test_method_matrix(name: str, arch: str, base_dirs: dict[str, str], tmp_path
         fresh = load_model(base_dir, TASK[arch])
         if name in NF4_BASE:  # trained over NF4-rounded base weights: round the fresh base the same way
             from slimtune.compress.quant.codebook import decode_nf4, encode_nf4
-            from slimtune.methods.lora import default_target_modules
+            from slimtune.methods._peft import default_target_modules
 
             mods = dict(fresh.named_modules())
             for n in default_target_modules(fresh):

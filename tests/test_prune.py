@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import keyword_rows, make_prune_bert, write_tsv
+import yaml
+from tiny import keyword_rows, make_prune_bert, make_tiny_llama, write_tsv
 
 from slimtune.compress.prune.recipe import PruneSettings, prune_to_dir
 from slimtune.methods import MethodContext, get_method
@@ -310,3 +311,71 @@ def test_magnitude_recipe_validation() -> None:
                      ({"begin": 0.8, "end": 0.5}, "method.begin"), ({"scope": "row"}, "method.scope")):
         with pytest.raises(RecipeError, match=key):
             resolve({"method": {"name": "magnitude", **bad}})
+
+
+# --------------------------------------------------------------------------------------------
+# Regressions: aliases, decoders refused, install hint, settings saved, nothing half-written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.needs_assets("minilm-l3")
+def test_prune_accepts_every_encoder_alias(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`prune --model minilm-l3` used to fail with 'no such model folder' (only 'minilm' was accepted)."""
+    from slimtune.cli.main import main
+
+    rc = main(["prune", "--model", "minilm-l3", "--output", str(tmp_path / "o"), "--sparsity", "0.5", "--print-config"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert yaml.safe_load(cap.out)["model"] == "minilm-l3"
+
+
+def test_prune_refuses_an_unknown_model_and_a_decoder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from slimtune.cli.main import main
+
+    rc = main(["prune", "--model", "minilm-l9", "--output", str(tmp_path / "o"), "--sparsity", "0.5"])
+    assert rc == 2 and "not an alias (minilm, minilm-l3)" in capsys.readouterr().err
+    for model in (str(make_tiny_llama(tmp_path / "llama")), "smollm2"):
+        rc = main(["prune", "--model", model, "--output", str(tmp_path / "o"), "--sparsity", "0.5"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "a causal language model" in err and "sequence classifiers only" in err, err
+        assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_missing_package_message_names_a_script_that_exists() -> None:
+    """The hint used to point to scripts/install-assets.sh, which does not exist."""
+    import re
+
+    from slimtune.models.loading import ModelError, _package_dir
+
+    with pytest.raises(ModelError) as e:
+        _package_dir("slimtune_no_such_package", "no-such-package==0")
+    scripts = re.findall(r"scripts/[\w.-]+", str(e.value))
+    assert scripts and all((Path(__file__).resolve().parents[1] / s).is_file() for s in scripts), str(e.value)
+    assert "pip install --no-deps no-such-package==0" in str(e.value)
+
+
+def test_prune_settings_saved_and_read_back(assets: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from slimtune.cli.main import main
+
+    out = tmp_path / "s"
+    assert main(["prune", "--model", str(assets["model"]), "--output", str(out), "--sparsity", "0.5",
+                 "--scope", "layer", "--vocab-from", str(assets["train"]), "--no-vocab-chars"]) == 0
+    capsys.readouterr()
+    saved = yaml.safe_load((out / "prune.yaml").read_text())
+    assert (saved["scope"], saved["vocab_keep_chars"], saved["vocab_from"]) == ("layer", False, [str(assets["train"])])
+    assert json.loads((out / "prune.json").read_text()) == saved
+    assert main(["prune", "--config", str(out / "prune.yaml"), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == saved
+
+
+def test_failed_prune_writes_nothing(assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that fails after loading (2 of 2 layers) leaves no output folder and no temp folder."""
+    from slimtune.cli.main import main
+
+    out = tmp_path / "fail"
+    rc = main(["prune", "--model", str(assets["model"]), "--output", str(out), "--train", str(assets["train"]),
+               "--layers", "2", "--vocab-from", str(assets["train"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--layers: can remove 0..1 of 2 layers" in err
+    assert list(tmp_path.iterdir()) == []

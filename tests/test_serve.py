@@ -323,15 +323,34 @@ def test_quantized_folder_served(bert_dir: Path, bert_runner: Runner, tmp_path: 
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=0.05)
 
 
-def test_cli_registers_serve() -> None:
+def test_cli_registers_serve(tmp_path: Path) -> None:
+    """Flags derive from ServeConfig; defaults come from the dataclass, ``--config`` is under the flags."""
+    from slimtune.cli.common import resolve_settings
     from slimtune.cli.main import build_parser
 
-    args = build_parser().parse_args(["serve", "--model", "x", "--max-batch-size", "4", "--api-key", "k",
+    args = build_parser(["serve"]).parse_args(["serve", "--model", "x", "--max-batch-size", "4", "--api-key", "k",
                                       "--threads", "2", "--max-wait-ms", "2.5"])
-    assert (args.max_batch_size, args.api_key, args.threads, args.max_wait_ms, args.host) == (4, "k", 2, 2.5, "127.0.0.1")
+    cfg = resolve_settings(ServeConfig, args, "serve")
+    assert (cfg.max_batch_size, cfg.api_key, cfg.threads, cfg.max_wait_ms, cfg.host) == (4, "k", 2, 2.5, "127.0.0.1")
+    flat = tmp_path / "serve.yaml"
+    flat.write_text("port: 9000\nmax_batch_size: 8\n")
+    cfg = resolve_settings(ServeConfig, build_parser(["serve"]).parse_args(["serve", "--config", str(flat), "--max-batch-size", "2"]),
+                           "serve")
+    assert (cfg.port, cfg.max_batch_size, cfg.model) == (9000, 2, None)
 
 
-def test_device_is_checked_before_any_weight_loads(bert_dir: Path) -> None:
+def test_serve_config_ranges_exit_2_before_any_weight(capsys: pytest.CaptureFixture[str]) -> None:
+    from slimtune.cli.main import main
+
+    with pytest.raises(ValueError, match="--max-queue: must be >= 1"):
+        create_app(None, ServeConfig(max_queue=0))  # type: ignore[arg-type]
+    assert main(["serve", "--model", "missing", "--max-wait-ms", "-1"]) == 2
+    assert "slimtune serve: error: --max-wait-ms: must be >= 0, got -1.0" in capsys.readouterr().err
+    assert main(["serve", "--max-batch-size", "4"]) == 2
+    assert "--model: is required" in capsys.readouterr().err
+
+
+def test_device_is_checked_before_any_weight_loads(bert_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
     from slimtune.cli.main import main
@@ -348,8 +367,8 @@ def test_device_is_checked_before_any_weight_loads(bert_dir: Path) -> None:
     else:
         with pytest.raises(ValueError, match="no CUDA device"):
             load_runner(str(bert_dir), device="cuda")
-        with pytest.raises(SystemExit, match="slimtune serve: --device cuda: no CUDA device"):
-            main(["serve", "--model", str(bert_dir), "--device", "cuda"])
+        assert main(["serve", "--model", str(bert_dir), "--device", "cuda"]) == 2  # one line, no traceback
+        assert "slimtune serve: error: --device cuda: no CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")

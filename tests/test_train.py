@@ -16,7 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from slimtune.config.recipe import TrainConfig
-from slimtune.data.datasets import collate, epoch_batches, load_classification, tokenize_classification
+from slimtune.data.datasets import (
+    collate,
+    epoch_batches,
+    load_classification,
+    tokenize_classification,
+)
 from slimtune.methods import get_method
 from slimtune.models.loading import load_model, load_tokenizer
 from slimtune.train.loop import NonFiniteLossError, lr_lambda, plan_steps, train
@@ -242,7 +247,7 @@ def test_max_grad_norm_clips_the_global_norm_to_the_cap_like_torch(tiny, tmp_pat
 
 
 @pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("bf16", torch.bfloat16),
-                                              ("fp16", torch.float16)])
+                                              ("fp16", torch.float16)], ids=["auto", "bf16", "fp16"])
 def test_autocast_precision_matches_fp32_within_its_rounding(tiny, tmp_path, precision, dtype):
     """train.precision autocasts the forward (CPU: ``auto`` is fp32); bf16 and fp16 runs track the
     fp32 run step by step, and are not bit-identical to it (the cast really happens)."""

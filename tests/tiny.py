@@ -179,10 +179,14 @@ def make_prune_bert(out: Path, *, heads: int = 4, hidden: int = 32, layers: int 
 
 
 def quant_tokenizer(tmp: Path):  # noqa: ANN201
-    """The quantization tests' WordPiece tokenizer over :data:`QUANT_VOCAB` (``vocab.txt`` under ``tmp``)."""
-    from transformers import BertTokenizerFast
+    """The quantization tests' WordPiece tokenizer over :data:`QUANT_VOCAB` (also written as
+    ``tmp/vocab.txt``), 64 tokens at most.
 
-    return BertTokenizerFast(vocab_file=str(write_vocab(tmp / "vocab.txt", QUANT_VOCAB)), model_max_length=64)
+    Built from the token list, not ``vocab_file=``: transformers 5 ignores that argument and
+    leaves only the special tokens, so every word would be ``[UNK]``.
+    """
+    write_vocab(tmp / "vocab.txt", QUANT_VOCAB)
+    return bert_tokenizer(QUANT_VOCAB, model_max_length=64)
 
 
 def make_quant_bert(tmp: Path, seed: int = 0) -> Path:

@@ -75,7 +75,7 @@ def bench_models(models: dict[str, str] | list[str], *, batch_sizes: list[int] |
                                                       predict=predict, tokenizer=tok))
         for bs in batch_sizes:
             for seq in seq_lens:
-                inputs = {n: _model_inputs(predict, tok, bs, seq) for n, (predict, tok) in loaded.items()}
+                inputs = {n: model_inputs(predict, tok, bs, seq) for n, (predict, tok) in loaded.items()}
                 runners = {n: (lambda p=loaded[n][0], x=inputs[n]: p(x)) for n in loaded}
                 lat = measure_latency(runners, repeats=repeats, warmup=warmup, min_seconds=min_seconds)
                 for n, m in lat.items():
@@ -102,8 +102,9 @@ def _preimport() -> None:
             pass
 
 
-def _model_inputs(predict: Any, tok: Any, bs: int, seq: int) -> dict[str, Any]:
-    """Real-text inputs; token_type_ids only for models that have more than one type."""
+def model_inputs(predict: Any, tok: Any, bs: int, seq: int) -> dict[str, Any]:
+    """Real-text inputs of ``bs`` x ``seq`` tokens for ``predict`` (from :func:`load_predict`);
+    ``token_type_ids`` only for models that have more than one type."""
     x = sample_inputs(tok, bs, seq)
     if int((getattr(predict, "config", {}) or {}).get("type_vocab_size", 0) or 0) <= 1:
         x.pop("token_type_ids", None)

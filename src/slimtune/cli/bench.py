@@ -1,57 +1,45 @@
-"""Benchmark one or more model folders (fp32 HF, pruned, quantized, ONNX) in one run: every setting times all models interleaved, so ratios are fair. Ratios are vs the first --model."""
+"""Benchmark one or more model folders (fp32 HF, pruned, quantized, ONNX) in one run: every setting times all models interleaved, so ratios are fair. Ratios are vs the first --model. Every flag is a field of slimtune.benchmark.settings.BenchSettings (the bench: section of a pipeline recipe, which --config reads); with --output the resolved settings are written beside it as OUTPUT.bench.yaml."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
 
 from slimtune.benchmark.latency import bench_models, format_bench
+from slimtune.benchmark.settings import BenchSettings
+from slimtune.cli.common import add_settings_arguments, print_config, resolve_settings, save_beside
+from slimtune.cli.lists import comma_lists, require
 from slimtune.io import atomic_write_json
 
 
-def _int_list(text: str) -> list[int]:
-
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``slimtune bench``."""
-    p.add_argument("--model", nargs="+", required=True, metavar="DIR", help="model folders (first = reference)")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1], help="comma-separated (default 1)")
-    p.add_argument("--seq-lens", type=_int_list, default=[128], help="comma-separated (default 128)")
-    p.add_argument("--threads", type=_int_list, default=[1], help="comma-separated intra-op threads (default 1)")
-    p.add_argument("--repeats", type=int, default=30, help="interleaved timing rounds (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls per model first (default 5)")
-    p.add_argument("--min-seconds", type=float, default=0.0, help="keep timing at least this long per setting")
-    p.add_argument("--eval", help="labelled file: also report accuracy/macro-F1 of each model")
-    p.add_argument("--max-eval-samples", type=int, help="evaluate on the first N rows only")
-    p.add_argument("--output", help="write the full result as JSON here")
+    """Register ``slimtune bench``: ``--config``, one flag per :class:`BenchSettings` field, ``--print-config``."""
+    add_settings_arguments(p, BenchSettings)
+    comma_lists(p, ("batch_sizes", "seq_lens", "threads"))
 
 
-def run(args: Any) -> int:
-    """``slimtune bench`` entry point: print the Markdown table, optionally write JSON."""
-
-    if args.repeats < 1:
-        raise SystemExit("slimtune bench: --repeats must be >= 1")
+def model_names(folders: list[str]) -> dict[str, str]:
+    """``{row name: folder}``: each folder's basename, primed when two folders share one."""
     names: dict[str, str] = {}
-    for d in args.model:
+    for d in folders:
         name = os.path.basename(os.path.normpath(d)) or d
-        while name in names:  # two folders with the same basename
+        while name in names:
             name += "'"
         names[name] = d
-    result = bench_models(names, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, threads=args.threads,
-                          repeats=args.repeats, warmup=args.warmup, min_seconds=args.min_seconds,
-                          eval_path=args.eval, max_eval_samples=args.max_eval_samples)
-    print(format_bench(result))
-    if args.output:
-        atomic_write_json(args.output, result)
-        print(f"wrote {args.output}")
-    return 0
+    return names
 
+
+def run(args: argparse.Namespace) -> int:
+    """``slimtune bench`` entry point: print the Markdown table, optionally write JSON (+ its settings)."""
+    s = resolve_settings(BenchSettings, args, "bench")
+    require(s, ("model",))
+    if print_config(args, s):
+        return 0
+    result = bench_models(model_names(s.model), batch_sizes=s.batch_sizes, seq_lens=s.seq_lens, threads=s.threads,
+                          repeats=s.repeats, warmup=s.warmup, min_seconds=s.min_seconds,
+                          eval_path=s.eval, max_eval_samples=s.max_eval_samples)
+    print(format_bench(result))
+    if s.output:
+        atomic_write_json(s.output, result)
+        print(f"wrote {s.output} (settings: {save_beside(s, s.output, 'bench')})")
+    return 0

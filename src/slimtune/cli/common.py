@@ -43,7 +43,8 @@ def save_beside(settings: Any, output: str | Path, command: str) -> Path:
     """Write the resolved settings as ``<command>.yaml`` in folder ``output`` (or beside a file
     ``output`` as ``<output>.<command>.yaml``); ``--config`` reads it back."""
     out = Path(output)
-    path = out / f"{command}.yaml" if out.is_dir() or not out.suffix else out.with_name(f"{out.name}.{command}.yaml")
+    folder = out.is_dir() or (not out.suffix and not out.is_file())  # a written file without a suffix is a file
+    path = out / f"{command}.yaml" if folder else out.with_name(f"{out.name}.{command}.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_settings(settings, path)
     return path

@@ -1,33 +1,29 @@
-"""Evaluate any output folder on a labelled file (or LM text): per-class report and metrics.json."""
+"""Evaluate any output folder on a labelled file (or LM text): per-class report and metrics.json. Every flag is a field of slimtune.evaluate.evaluator.EvaluateSettings (the evaluate: section of a pipeline recipe, which --config reads); the resolved settings are written beside the metrics as OUTPUT.evaluate.yaml."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
-from slimtune.evaluate.evaluator import format_report, run_evaluate
+from slimtune.cli.common import add_settings_arguments, print_config, resolve_settings, save_beside
+from slimtune.cli.lists import require
+from slimtune.evaluate.evaluator import EvaluateSettings, format_report, run_evaluate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``evaluate`` flags."""
-    p.add_argument("--model", required=True, help="model folder written by slimtune (or any HF folder)")
-    p.add_argument("--eval", required=True, help="evaluation file (CSV/TSV/JSONL, or .txt for causal-lm)")
-    p.add_argument("--output", help="metrics JSON to write (default: MODEL/metrics.json)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=None, help="default: the model's recipe.yaml, else 128")
-    p.add_argument("--text-column")
-    p.add_argument("--text-pair-column")
-    p.add_argument("--label-column")
-    p.add_argument("--encoding", default=None)
-    p.add_argument("--skip-bad-rows", action="store_true")
+    """The ``evaluate`` flags: ``--config``, one per :class:`EvaluateSettings` field, ``--print-config``."""
+    add_settings_arguments(p, EvaluateSettings)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate, print the report and write metrics.json."""
-    result = run_evaluate(args.model, args.eval, output=args.output, batch_size=args.batch_size,
-                          max_length=args.max_length, text_column=args.text_column,
-                          text_pair_column=args.text_pair_column, label_column=args.label_column,
-                          encoding=args.encoding, skip_bad_rows=args.skip_bad_rows)
-    print(format_report(result, title=f"{args.model} on {args.eval}"))
+    """Evaluate, print the report, write metrics.json and the settings beside it."""
+    s = resolve_settings(EvaluateSettings, args, "evaluate")
+    require(s, ("model", "eval"))
+    if print_config(args, s):
+        return 0
+    kw = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("model", "eval")}
+    result = run_evaluate(s.model, s.eval, **kw)
+    print(format_report(result, title=f"{s.model} on {s.eval}"))
+    save_beside(s, s.output or Path(s.model) / "metrics.json", "evaluate")
     return 0
-
-

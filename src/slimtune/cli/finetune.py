@@ -1,39 +1,49 @@
 """Fine-tune a model (full, LoRA, AdaLoRA, IA3, adapters, sharing, magnitude) on a data file.
 
-Settings: defaults < --config recipe.yaml < flags < key.path=value (every recipe key is listed below).
+Settings: defaults < --config recipe.yaml < flags < key.path=value. Every recipe key has a flag
+(listed below with its recipe key); --print-config prints the resolved recipe and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from slimtune.cli.common import print_config
 from slimtune.cli.recipe_flags import (
-    FINETUNE_FLAGS,
+    add_nproc,
     add_recipe_flags,
     recipe_epilog,
+    recipe_flags,
     recipe_from_args,
     relaunch_training,
 )
 from slimtune.config.fields import RecipeError
+from slimtune.config.recipe import Recipe
 from slimtune.train import distributed
 from slimtune.train.finetune import print_finetune_result, run_finetune
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``finetune`` flags: every recipe key, plus ``--nproc``."""
-    add_recipe_flags(p, FINETUNE_FLAGS)
-    p.add_argument("--nproc", type=int, default=None,
-                   help="data-parallel processes on this machine, launched with torch.distributed.run "
-                        "(train.batch_size stays the global batch; see docs/distributed.md)")
+    add_recipe_flags(p, recipe_flags("finetune"))
+    add_nproc(p)
     p.epilog = recipe_epilog()
+
+
+def finetune_recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The validated recipe of parsed ``slimtune finetune`` arguments (a distill recipe is refused)."""
+    recipe = recipe_from_args(args, recipe_flags("finetune"))
+    if recipe.distill is not None:  # fine-tuning it would train the teacher (model.name), not a student
+        raise RecipeError(f"{args.config or 'recipe'}: has a 'distill' section (a slimtune distill recipe); "
+                          "run it with 'slimtune distill --config', or remove the section")
+    return recipe
 
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune, export and print the result table."""
-    recipe = recipe_from_args(args, FINETUNE_FLAGS)
-    if recipe.distill is not None:  # fine-tuning it would train the teacher (model.name), not a student
-        raise RecipeError(f"{args.config or 'recipe'}: has a 'distill' section (a slimtune distill recipe); "
-                          "run it with 'slimtune distill --config', or remove the section")
+    recipe = finetune_recipe_from_args(args)
+    if print_config(args, recipe.to_dict()):
+        return 0
     rc = relaunch_training(args, recipe, "finetune")
     if rc is not None:  # this process only launched the ranks (torch.distributed.run)
         return rc
@@ -44,5 +54,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         distributed.teardown()
     return 0
-
-

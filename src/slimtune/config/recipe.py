@@ -41,7 +41,7 @@ from slimtune.io import atomic_write_text
 class ModelConfig:
     """Which pretrained model to start from and what head to put on it."""
 
-    name: str = setting("minilm", "Local path, hub id, or alias: 'minilm' (packaged MiniLM-L6), 'minilm-l3' (packaged 3-layer paraphrase-MiniLM-L3-v2), 'smollm2' (packaged SmolLM2-135M).")
+    name: str = setting("minilm", "Local path, hub id, or alias: 'minilm' (packaged MiniLM-L6), 'minilm-l3' (packaged 3-layer paraphrase-MiniLM-L3-v2), 'smollm2' (packaged SmolLM2-135M).", flag="--model")
     task: Literal["classification", "causal-lm"] = setting("classification", "Task: sequence classification (single texts or pairs) or causal language modelling.")
     dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "Dtype the weights are loaded in (training math precision is train.precision).")
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, ~30% more compute.")
@@ -108,7 +108,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: Any = None  # filled by resolve(): an instance of the method's registered config class
-    method_name: str = "full"  # saved as method.name
+    method_name: str = setting("full", "Fine-tuning method, saved as method.name (one of the registered methods); its settings are the other method.* keys.", flag="--method")  # saved as method.name
     # ``slimtune distill`` recipes only: a slimtune.compress.distill.recipe.DistillConfig (None: no such section)
     distill: Any = None
 
@@ -134,8 +134,7 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
 def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     """Turn a nested dict (YAML + flags + overrides) into a validated :class:`Recipe`."""
     from slimtune.data.packaged import expand_tree  # loads torch: importing config stays lean
-    from slimtune.methods import get_method, method_names  # loads torch: importing config stays lean
-
+    from slimtune.methods import get_method, method_names  # loads torch: config stays lean
 
     valid_top = ["output", *SECTIONS, "method", "distill"]  # distill: optional, slimtune distill only
     for k in tree:
@@ -185,10 +184,15 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
         raise RecipeError(f"train.metric: {t.metric!r} needs labels; causal-lm uses 'loss'")
     if not 0 < d.eval_fraction < 1:
         raise RecipeError(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
+    if t.fsdp and t.precision == "fp16":  # the loop refuses it once sharded (--nproc > 1)
+        raise RecipeError("train.precision: fp16 is not supported with train.fsdp (sharded gradients need a "
+                          "sharded loss scaler); use bf16")
     if check_files:
         for key, path in (("data.train", d.train), ("data.eval", d.eval)):
             if path is not None and not Path(path).is_file():
                 raise RecipeError(f"{key}: file not found: {path}")
+    if recipe.method is not None:
+        check_ranges(recipe.method, "method")
     check = getattr(recipe.method, "validate", None)
     if check is not None:
         check(recipe)
@@ -198,8 +202,7 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
 
 def field_help() -> list[tuple[str, str, str]]:
     """(key, default, help) for every recipe field, methods included: the ``--help`` listing."""
-    from slimtune.methods import get_method, method_names  # loads torch: importing config stays lean
-
+    from slimtune.methods import get_method, method_names  # loads torch: config stays lean
 
     rows: list[tuple[str, str, str]] = [("output", "None", Recipe.__dataclass_fields__["output"].metadata["help"])]
     for sec, cls in SECTIONS.items():

@@ -11,8 +11,6 @@ For sentence pairs each side is augmented on its own, and with ``swap_pairs`` th
 two sentences is also swapped (the original pair once, each augmented copy with probability 1/2):
 symmetric tasks such as paraphrase detection should not depend on it, and the teacher says how
 much it does.
-
-Top-level imports are stdlib only; torch and transformers are imported where used.
 """
 
 from __future__ import annotations
@@ -20,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slimtune.config.fields import RecipeError, check_ranges, save_settings, setting
 from slimtune.data.datasets import load_classification
 from slimtune.evaluate.evaluator import model_task
 from slimtune.io import atomic_write_json, atomic_write_text
@@ -34,34 +33,37 @@ from slimtune.models.loading import load_model, load_tokenizer
 _WORD = re.compile(r"[A-Za-z]{2,}")  # the spans that may be replaced (ASCII words, 2+ letters)
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 (dataclass field with a docstring)
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class AugmentConfig:
-    """Settings of ``slimtune augment`` (one field per flag)."""
+    """Settings of ``slimtune augment`` (one flag per field); written beside the output as
+    ``OUTPUT.augment.yaml``, which ``slimtune augment --config`` reads back."""
 
-    copies: int = _f(8, "Augmented rows written per input row (before duplicates are dropped).")
-    prob: float = _f(0.4, "Chance that each replaceable word is replaced (TinyBERT: 0.4).")
-    neighbours: int = _f(15, "Candidates per word: its nearest whole-word tokens (TinyBERT: 15).")
-    swap_pairs: bool = _f(True, "Sentence pairs: also swap the two sentences (original once, copies at random).")
-    min_words: int = _f(1, "Rows with fewer replaceable words are not augmented.")
-    max_rows: int | None = _f(None, "Augment a seeded sample of this many input rows (None: all).")
-    seed: int = _f(42, "Seed of the row sample and of every replacement.")
-    keep_labels: bool = _f(False, "Copy each new row's label from its input row (for a no-KD ablation only: "
-                                  "a replacement can change the label, which the teacher would notice).")
+    model: str | None = setting(None, "Model folder whose tokenizer and input embeddings pick the neighbours (the teacher).")
+    input: str | None = setting(None, "Training file (CSV/TSV/JSONL) whose rows are augmented; its label column is ignored.")
+    output: str | None = setting(None, "TSV file to write (plus OUTPUT.json with the counts and OUTPUT.augment.yaml with these settings).")
+    text_column: str | None = setting(None, "Column with the text (auto-detected like data.text_column).")
+    text_pair_column: str | None = setting(None, "Column with the second text of a pair (auto-detected).")
+    encoding: str = setting("utf-8", "Text encoding of the input file (e.g. latin-1).")
+    copies: int = setting(8, "Augmented rows written per input row (before duplicates are dropped).", ge=1)
+    prob: float = setting(0.4, "Chance that each replaceable word is replaced (TinyBERT: 0.4).", gt=0, le=1)
+    neighbours: int = setting(15, "Candidates per word: its nearest whole-word tokens (TinyBERT: 15).", ge=1)
+    swap_pairs: bool = setting(True, "Sentence pairs: also swap the two sentences (original once, copies at random).")
+    min_words: int = setting(1, "Rows with fewer replaceable words are not augmented.", ge=0)
+    max_rows: int | None = setting(None, "Augment a seeded sample of this many input rows (None: all).", ge=1)
+    seed: int = setting(42, "Seed of the row sample and of every replacement.")
+    keep_labels: bool = setting(False, "Copy each new row's label from its input row (for a no-KD ablation only: "
+                                       "a replacement can change the label, which the teacher would notice).")
 
     def validate(self) -> None:
-        """Raise ValueError naming the flag when a setting is out of range."""
-        if self.copies < 1:
-            raise ValueError(f"--copies must be >= 1, got {self.copies}")
-        if not 0.0 < self.prob <= 1.0:
-            raise ValueError(f"--prob must be in (0, 1], got {self.prob}")
-        if self.neighbours < 1:
-            raise ValueError(f"--neighbours must be >= 1, got {self.neighbours}")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise ValueError(f"--max-rows must be >= 1, got {self.max_rows}")
+        """Raise RecipeError naming the flag when a setting is missing, out of range or contradictory."""
+        check_ranges(self, "--")
+        for name in ("model", "input", "output"):
+            if getattr(self, name) is None:
+                raise RecipeError(f"--{name}: is required ({AugmentConfig.__dataclass_fields__[name].metadata['help']})")
+        if not Path(self.input).is_file():  # type: ignore[arg-type]
+            raise RecipeError(f"--input: file not found: {self.input}")
+        if Path(self.output).resolve() == Path(self.input).resolve():  # type: ignore[arg-type]
+            raise RecipeError(f"--output {self.output}: is the input file; write the augmented rows elsewhere")
 
 
 def _word_tokens(tokenizer: Any) -> dict[str, int]:
@@ -192,26 +194,27 @@ def _clean(s: str) -> str:
     return " ".join(s.replace("\t", " ").split())  # one TSV field: no tabs or newlines
 
 
-def run_augment(model: str, input_path: str, output: str, cfg: AugmentConfig, *,
-                text_column: str | None = None, text_pair_column: str | None = None,
-                encoding: str | None = None) -> dict[str, Any]:
-    """Write augmented rows of ``input_path`` to ``output`` (TSV, the input's text column names).
+def settings_path(output: str | Path) -> Path:
+    """Where the resolved settings of an augment run are written: ``OUTPUT.augment.yaml``."""
+    return Path(f"{output}.augment.yaml")
 
-    The file is written atomically, with ``OUTPUT.json`` beside it (settings, model, counts).
+
+def run_augment(cfg: AugmentConfig) -> dict[str, Any]:
+    """Write augmented rows of ``cfg.input`` to ``cfg.output`` (TSV, the input's text column names).
+
+    Everything is checked, and the input read, before anything is written. The TSV is written
+    atomically, with ``OUTPUT.json`` (settings, model, counts) and ``OUTPUT.augment.yaml`` (the
+    resolved settings, for ``slimtune augment --config``) beside it.
 
     Returns:
         What ``OUTPUT.json`` holds: input, model, settings, ``rows_in``, ``rows_out``,
         ``distinct_words``, ``words_with_neighbours``, ``columns``.
     """
-
     cfg.validate()
-    out = Path(output)
-    if out.resolve() == Path(input_path).resolve():
-        raise ValueError(f"--output {output}: is the input file; write the augmented rows elsewhere")
-    data = load_classification(input_path, text_column=text_column, text_pair_column=text_pair_column,
-                               require_labels=cfg.keep_labels, encoding=encoding or "utf-8")
-    tok = load_tokenizer(model)
-    emb = load_model(model, model_task(model)).get_input_embeddings().weight
+    data = load_classification(cfg.input, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
+                               require_labels=cfg.keep_labels, encoding=cfg.encoding)
+    tok = load_tokenizer(cfg.model)
+    emb = load_model(cfg.model, model_task(cfg.model)).get_input_embeddings().weight
     words = {w for t in data.texts + (data.pairs or []) for w in _WORD.findall(t)}
     nbrs = word_neighbours(emb, tok, words, cfg.neighbours)
     sources: list[int] = []
@@ -223,16 +226,14 @@ def run_augment(model: str, input_path: str, output: str, cfg: AugmentConfig, *,
         for f, src in zip(fields, sources, strict=True):
             f.append(data.label_names[data.labels[src]])
     lines = ["\t".join(cols)] + ["\t".join(f) for f in fields]
+    out = Path(cfg.output)  # type: ignore[arg-type]
     atomic_write_text(out, "\n".join(lines) + "\n")
-    info = {"input": str(input_path), "model": str(model), "settings": dataclasses.asdict(cfg),
+    info = {"input": str(cfg.input), "model": str(cfg.model), "settings": dataclasses.asdict(cfg),
             "rows_in": len(data.texts), "rows_out": len(rows), "distinct_words": len(words),
             "words_with_neighbours": len(nbrs), "columns": cols}
     atomic_write_json(str(out) + ".json", info)
+    save_settings(cfg, settings_path(out))
     return info
 
 
-
-
-
-
-__all__ = ["AugmentConfig", "augment_rows", "augment_text", "run_augment", "word_neighbours"]
+__all__ = ["AugmentConfig", "augment_rows", "augment_text", "run_augment", "settings_path", "word_neighbours"]

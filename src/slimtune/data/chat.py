@@ -15,7 +15,8 @@ Rendering. Conversations are rendered with the tokenizer's own chat template
 (``### User:`` / ``### Assistant:`` headers, every answer ends with the EOS token), announced in a
 log line and recorded in ``metrics.json``; the template is then saved with the exported tokenizer,
 so ``slimtune generate`` prompts the model exactly as it was trained. ``none`` concatenates the
-contents with no markup (each answer followed by EOS): classic prompt + completion training.
+contents with no markup (each answer followed by EOS: classic prompt + completion training), and
+is saved as the model's template the same way.
 
 Masking. Only assistant tokens carry a loss; every other label is -100. Assistant spans are found
 by rendering prefixes: for the assistant turn ``i`` the prompt is
@@ -78,6 +79,12 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 """The template used when a tokenizer has none: ``### System:`` / ``### User:`` /
 ``### Assistant:`` headers, a blank line between turns, EOS after every answer."""
+
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token or '' }}{% endif %}{% endfor %}"
+)
+"""``data.chat_template=none``: the contents concatenated, no markup, EOS after every answer."""
 
 Message = dict[str, str]
 
@@ -430,8 +437,8 @@ class ChatRenderer:
     """Renders messages to text with the template ``mode`` picks for ``tokenizer``.
 
     ``mode``: ``auto`` (the tokenizer's template, else :data:`FALLBACK_CHAT_TEMPLATE`), ``model``
-    (the tokenizer's, an error without one), ``fallback``, or ``none`` (contents concatenated,
-    EOS after each answer). ``source`` says which was used: ``model``, ``fallback`` or ``none``.
+    (the tokenizer's, an error without one), ``fallback``, or ``none``
+    (:data:`PLAIN_CHAT_TEMPLATE`: contents concatenated, EOS after each answer). ``source`` says which was used: ``model``, ``fallback`` or ``none``.
     """
 
     def __init__(self, tokenizer: Any, mode: str = "auto"):
@@ -443,7 +450,7 @@ class ChatRenderer:
                             "(use auto or fallback)")
         self.tokenizer = tokenizer
         if mode == "none":
-            self.template, self.source = None, "none"
+            self.template, self.source = PLAIN_CHAT_TEMPLATE, "none"
         elif mode == "fallback" or own is None:
             self.template, self.source = FALLBACK_CHAT_TEMPLATE, "fallback"
         else:
@@ -451,9 +458,6 @@ class ChatRenderer:
 
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         """The text of ``messages`` (plus the assistant header when ``add_generation_prompt``)."""
-        if self.template is None:
-            eos = self.tokenizer.eos_token or ""
-            return "".join(m["content"] + (eos if m["role"] == "assistant" else "") for m in messages)
         try:
             return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
@@ -635,11 +639,13 @@ def prepare_chat_data(d: Any, tokenizer: Any, seed: int) -> tuple[TokenizedData,
     :func:`slimtune.train.finetune.prepare_data`.
     """
     renderer = ChatRenderer(tokenizer, d.chat_template)
-    if renderer.source == "fallback" and d.chat_template == "auto":
-        print("[slimtune] the tokenizer has no chat template: using slimtune's fallback template "
-              "(### User: / ### Assistant: headers, EOS after answers); it is saved with the model",
+    if renderer.source != "model":  # saved with the exported tokenizer: generate prompts as trained
+        why = "the tokenizer has no chat template" if own_template(tokenizer) is None else f"data.chat_template={d.chat_template}"
+        what = "slimtune's fallback template (### User: / ### Assistant: headers" if renderer.source == "fallback" \
+            else "no template (contents concatenated"
+        print(f"[slimtune] {why}: using {what}, EOS after each answer); it is saved as the model's chat template",
               file=sys.stderr)
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE  # exported with the tokenizer
+        tokenizer.chat_template = renderer.template
     kw = {"skip_bad_rows": d.skip_bad_rows, "encoding": d.encoding}
     train = load_chat(d.train, d.format, max_rows=None if d.eval is None else d.max_train_samples,
                       seed=seed, **kw)

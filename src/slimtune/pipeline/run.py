@@ -12,13 +12,17 @@ dataclass; unknown keys are rejected naming the key) and an optional ``stages`` 
 ``stages`` the stages are those with a section, in the order above. The WHOLE recipe is
 validated before any weight loads.
 
+The ``evaluate`` and ``bench`` sections ARE the settings of ``slimtune evaluate`` /
+``slimtune bench`` (:class:`~slimtune.evaluate.evaluator.EvaluateSettings`,
+:class:`~slimtune.benchmark.settings.BenchSettings`: same keys, help and ranges); the fields the
+pipeline fills itself (``model``, ``output``) are refused in a recipe. ``OUT/pipeline.yaml`` is
+the recipe as run (:func:`resolved_tree`), readable again by ``slimtune run``.
+
 Re-running skips a stage whose config and inputs are unchanged: ``stage.json`` in its folder
 stores a hash of the stage's resolved config and a fingerprint (name, size, mtime) of its
 input folders' weight/config/tokenizer files and data files. A changed stage reruns, and so do
 the stages after it (their input changed). A stage that was interrupted reruns in place, so
 training resumes from its last checkpoint.
-
-Top-level imports are stdlib only (the CLI parser imports this module).
 """
 
 from __future__ import annotations
@@ -30,19 +34,21 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
 
 from slimtune.benchmark.latency import bench_models, format_bench, latency_at
+from slimtune.benchmark.settings import BenchSettings
 from slimtune.benchmark.timing import hardware_fingerprint
 from slimtune.compress.distill.recipe import run_distill
 from slimtune.compress.distill.settings import DistillConfig
 from slimtune.compress.prune.recipe import PruneSettings, run_prune
-from slimtune.compress.quant.recipe import make_config, run_quantize
+from slimtune.compress.quant.recipe import QuantizeSettings, run_quantize
+from slimtune.config.fields import check_ranges, default_of, setting
 from slimtune.config.recipe import (
     RecipeError,
     build_section,
@@ -53,22 +59,18 @@ from slimtune.config.recipe import (
     set_path,
 )
 from slimtune.data.packaged import expand_tree
-from slimtune.evaluate.evaluator import evaluate_model_dir
+from slimtune.evaluate.evaluator import EvaluateSettings, evaluate_model_dir
 from slimtune.io import atomic_write_json, atomic_write_text, weights_size_mb
 from slimtune.models.loading import check_exists
 from slimtune.models.loading import resolve as resolve_model
 from slimtune.report.html import write_report
+from slimtune.report.settings import ReportSettings
 from slimtune.runtime.folders import count_stored_params, model_kind
 from slimtune.train.finetune import run_finetune
 
 ORDER = ("finetune", "distill", "prune", "quantize", "evaluate", "bench", "report")
 MODEL_STAGES = ("finetune", "distill", "prune", "quantize")
-
-
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+SHARED_KEYS = ("output", "model", "data", "train", "method")  # the fine-tune recipe, shared by every stage
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,79 +82,19 @@ def _f(default: Any, help: str) -> Any:
 class FinetuneStage:
     """``finetune:``: fine-tune ``model.name`` on ``data`` (overrides of the shared sections)."""
 
-    train: dict = _f({}, "Overrides of the shared train section for this stage, e.g. {epochs: 2}.")
-    method: dict = _f({}, "Overrides of the shared method section, e.g. {name: lora, r: 8}.")
+    train: dict = setting({}, "Overrides of the shared train section for this stage, e.g. {epochs: 2}.")
+    method: dict = setting({}, "Overrides of the shared method section, e.g. {name: lora, r: 8}.")
 
 
-@dataclass
-class PruneStage:
-    """``prune:``: vocabulary / layers / FFN / unstructured pruning of the previous model."""
-
-    vocab: bool = _f(False, "Keep only the tokens data.train uses (exact on that text).")
-    vocab_min_count: int = _f(1, "Drop tokens seen fewer times (1 keeps corpus tokenization identical).")
-    ffn: float = _f(0.0, "Fraction of FFN neurons removed in every layer.")
-    layers: int = _f(0, "Whole layers removed (greedy, by logit change).")
-    sparsity: float = _f(0.0, "Unstructured magnitude sparsity (does not shrink files or speed up dense CPU inference).")
-    pattern: str = _f("unstructured", "'unstructured' or N:M such as 2:4.")
-    importance: Literal["taylor", "magnitude"] = _f("taylor", "How FFN neurons are ranked.")
-    recover_steps: int = _f(0, "Recovery fine-tuning steps after pruning.")
-    kd: bool = _f(False, "Distil from the unpruned model during recovery.")
-    kd_alpha: float = _f(0.5, "Weight of the KD term in recovery.")
-    kd_temperature: float = _f(2.0, "KD temperature in recovery.")
-    lr: float = _f(1e-4, "Recovery learning rate.")
-    batch_size: int = _f(32, "Recovery batch size.")
-
-
-@dataclass
-class QuantizeStage:
-    """``quantize:``: quantize the previous model (see docs/quantization.md)."""
-
-    scheme: Literal["int8", "int4", "nf4", "kmeans", "fp32"] = _f("int8", "Quantization scheme.")
-    backend: Literal["auto", "torch", "torchao", "onnxruntime"] = _f("auto", "int8 runtime (auto: fastest with parity, measured).")
-    granularity: str | None = _f(None, "tensor | channel | group (scheme default if unset).")
-    group_size: int | None = _f(None, "Weights per scale with group granularity; nf4 block size.")
-    bits: int | None = _f(None, "kmeans code width.")
-    include_embeddings: bool = _f(True, "Quantize embedding tables too.")
-    min_sqnr_db: float = _f(20.0, "Logits SQNR (dB) an int8 backend must keep to be chosen.")
-    max_accuracy_drop: float = _f(0.5, "Accuracy points quantization may cost vs its input.")
-    qat_steps: int = _f(0, "int4/nf4/kmeans: fake-quant recovery steps on data.train.")
-    calib_samples: int = _f(256, "int8: calibration rows (from data.train) for the mixed-precision search.")
-    repeats: int = _f(30, "Interleaved timing rounds for the backend choice.")
-    threads: int = _f(1, "Threads of the latency measurement that picks the backend.")
-    batch_size: int = _f(1, "Batch size of that measurement.")
-    seq_len: int = _f(128, "Sequence length of that measurement.")
-
-
-@dataclass
-class EvaluateStage:
-    """``evaluate:``: accuracy, macro-F1, per-class report of every model of the run."""
-
-    eval: str | None = _f(None, "Labelled file (default data.eval). Use a held-out test file here.")
-    max_eval_samples: int | None = _f(None, "Evaluate on N rows only.")
-    batch_size: int = _f(64, "Evaluation batch size.")
-
-
-@dataclass
-class BenchStage:
-    """``bench:``: every model of the run timed side by side (see ``slimtune bench``)."""
-
-    batch_sizes: list[int] = _f([1], "Batch sizes.")
-    seq_lens: list[int] = _f([128], "Sequence lengths.")
-    threads: list[int] = _f([1], "Intra-op thread counts.")
-    repeats: int = _f(30, "Interleaved timing rounds per setting.")
-    warmup: int = _f(5, "Untimed calls per model first.")
-
-
-@dataclass
-class ReportStage:
-    """``report:``: HTML + Markdown + JSON trade-off report of the run."""
-
-    title: str | None = _f(None, "Page title (default: the output folder's name).")
-    reference: Literal["auto", "finetune", "input"] = _f("auto", "Row retention and ratios refer to (auto: finetune if run, else input).")
+# The prune/quantize sections ARE the commands' settings (same keys, help and ranges as the flags of
+# `slimtune prune` / `slimtune quantize`); model/output are filled by the pipeline, and the shared
+# data paths, lengths and seed where the section leaves them unset (see _prune_settings).
+PruneStage = PruneSettings
+QuantizeStage = QuantizeSettings
 
 
 STAGE_CLASSES: dict[str, type] = {"finetune": FinetuneStage, "prune": PruneStage, "quantize": QuantizeStage,
-                                  "evaluate": EvaluateStage, "bench": BenchStage, "report": ReportStage}
+                                  "evaluate": EvaluateSettings, "bench": BenchSettings, "report": ReportSettings}
 
 
 @dataclass
@@ -188,33 +130,10 @@ def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
     """Validate a pipeline tree (see :func:`load_plan`)."""
 
     tree = expand_tree(dict(tree))  # packaged:NAME/SPLIT paths -> real files, for every stage and pipeline.yaml
-    shared_keys = ("output", "model", "data", "train", "method")
-    valid = [*shared_keys, "stages", *ORDER]
-    for k in tree:
-        if k not in valid:
-            raise RecipeError(f"{source}: unknown section '{k}'; valid sections: {', '.join(valid)}")
-    stages = tree.pop("stages", None)
-    if stages is None:
-        stages = [s for s in ORDER if s in tree]
-    if isinstance(stages, str):
-        stages = [s.strip() for s in stages.split(",") if s.strip()]
-    if not isinstance(stages, list) or not stages:
-        raise RecipeError(f"{source}: 'stages' must be a non-empty list of {', '.join(ORDER)} "
-                          f"(or give at least one stage section)")
-    for s in stages:
-        if s not in ORDER:
-            raise RecipeError(f"stages: unknown stage {s!r}; valid: {', '.join(ORDER)}")
-    if len(set(stages)) != len(stages):
-        raise RecipeError(f"stages: a stage is listed twice: {stages}")
-    if [s for s in ORDER if s in stages] != stages:
-        raise RecipeError(f"stages: must follow the order {' → '.join(ORDER)}, got {' → '.join(stages)}")
-    sections = {s: tree.pop(s, None) or {} for s in ORDER}
-    for s, sec in sections.items():
-        if sec and s not in stages:
-            raise RecipeError(f"{s}: section given but '{s}' is not in stages {stages}")
+    stages, sections = _stage_list(tree, source)
     if not tree.get("output"):
         raise RecipeError(f"{source}: 'output' (the pipeline's folder) is required")
-    base = {k: tree[k] for k in shared_keys if k in tree}
+    base = {k: tree[k] for k in SHARED_KEYS if k in tree}
     recipe = resolve(base, source)  # model/data/train/method: strict, files checked
     if recipe.model.task != "classification" and any(s in stages for s in ("distill", "prune", "quantize", "bench")):
         raise RecipeError("model.task: the compression stages support classification only")
@@ -237,20 +156,11 @@ def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
         if s == "finetune":
             resolve(deep_merge(base, {"train": cfg.train, "method": cfg.method}), f"{source} (finetune)")
         elif s == "prune":
-            _prune_settings(cfg, recipe, "minilm", "-").validate()  # the model folder does not exist yet
+            cfg = _prune_settings(cfg, recipe, sec)
         elif s == "quantize":
-
-            make_config(cfg.scheme, granularity=cfg.granularity, group_size=cfg.group_size, bits=cfg.bits,
-                        include_embeddings=cfg.include_embeddings)
-        elif s == "evaluate":
-            if cfg.eval is None and recipe.data.eval is None:
-                raise RecipeError("evaluate.eval: no file (and no data.eval)")
-            if cfg.eval is not None and not Path(cfg.eval).is_file():
-                raise RecipeError(f"evaluate.eval: file not found: {cfg.eval}")
-        elif s == "bench":
-            for k in ("batch_sizes", "seq_lens", "threads"):
-                if not getattr(cfg, k) or any(v < 1 for v in getattr(cfg, k)):
-                    raise RecipeError(f"bench.{k}: positive integers required, got {getattr(cfg, k)}")
+            cfg = _quantize_settings(cfg, recipe, sec)
+        else:  # evaluate, bench, report: the commands' own settings
+            _check_stage_settings(cfg, s, recipe)
         configs[s] = cfg
     if "finetune" not in stages and any(s in stages for s in MODEL_STAGES):
 
@@ -258,16 +168,87 @@ def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
     return Plan(tree=base, stages=list(stages), configs=configs, output=Path(recipe.output), source=source)
 
 
-def _prune_settings(cfg: PruneStage, recipe: Any, model: str, output: str) -> Any:
+def _stage_list(tree: dict[str, Any], source: str) -> tuple[list[str], dict[str, Any]]:
+    """Check the sections and the ``stages`` list; pop both from ``tree``: (stages, {stage: section})."""
 
+    valid = [*SHARED_KEYS, "stages", *ORDER]
+    for k in tree:
+        if k not in valid:
+            raise RecipeError(f"{source}: unknown section '{k}'; valid sections: {', '.join(valid)}")
+    stages = tree.pop("stages", None)
+    if stages is None:
+        stages = [s for s in ORDER if s in tree]
+    if isinstance(stages, str):
+        stages = [s.strip() for s in stages.split(",") if s.strip()]
+    if not isinstance(stages, list) or not stages:
+        raise RecipeError(f"{source}: 'stages' must be a non-empty list of {', '.join(ORDER)} "
+                          f"(or give at least one stage section)")
+    for s in stages:
+        if s not in ORDER:
+            raise RecipeError(f"stages: unknown stage {s!r}; valid: {', '.join(ORDER)}")
+    if len(set(stages)) != len(stages):
+        raise RecipeError(f"stages: a stage is listed twice: {stages}")
+    if [s for s in ORDER if s in stages] != stages:
+        raise RecipeError(f"stages: must follow the order {' → '.join(ORDER)}, got {' → '.join(stages)}")
+    sections = {s: tree.pop(s, None) or {} for s in ORDER}
+    for s, sec in sections.items():
+        if sec and s not in stages:
+            raise RecipeError(f"{s}: section given but '{s}' is not in stages {stages}")
+    return list(stages), sections
+
+
+def check_pipeline_fills(cfg: Any, section: str) -> None:
+    """Refuse a recipe value for a field the pipeline fills itself (``PIPELINE_FILLS``: model, output)."""
+    for f in dataclasses.fields(cfg):
+        if f.name in getattr(cfg, "PIPELINE_FILLS", ()) and getattr(cfg, f.name) != default_of(f):
+            raise RecipeError(f"{section}.{f.name}: set by the pipeline itself (model: every model of the run; "
+                              f"output: the stage folder); remove it from the recipe")
+
+
+def _check_stage_settings(cfg: Any, section: str, recipe: Any) -> None:
+    """The evaluate/bench/report sections: pipeline-filled fields unset, ranges, files, then defaults."""
+    check_pipeline_fills(cfg, section)
+    cfg.validate(section)
+    if section == "evaluate" and cfg.eval is None and recipe.data.eval is None:
+        raise RecipeError("evaluate.eval: no file (and no data.eval)")
+
+
+def _prune_settings(cfg: PruneSettings, recipe: Any, given: dict[str, Any]) -> PruneSettings:
+    """The ``prune:`` section completed and checked before the previous stage's folder exists.
+
+    ``train``/``eval``/``max_length``/``max_train_samples``/``max_eval_samples`` come from the
+    shared ``data`` section and ``seed`` from ``train`` unless the section (``given``) sets them;
+    ``model``/``output`` are set when the stage runs.
+    """
+    check_pipeline_fills(cfg, "prune")
     d = recipe.data
-    return PruneSettings(model=model, output=output, train=d.train, eval=d.eval, sparsity=cfg.sparsity,
-                         pattern=cfg.pattern, ffn=cfg.ffn, layers=cfg.layers, importance=cfg.importance,
-                         vocab_from=[d.train] if cfg.vocab and d.train else [], vocab_min_count=cfg.vocab_min_count,
-                         recover_steps=cfg.recover_steps, kd=cfg.kd, kd_alpha=cfg.kd_alpha,
-                         kd_temperature=cfg.kd_temperature, lr=cfg.lr, batch_size=cfg.batch_size,
-                         max_length=d.max_length, max_train_samples=d.max_train_samples,
-                         max_eval_samples=d.max_eval_samples, seed=recipe.train.seed)
+    shared = {"train": d.train, "eval": d.eval, "max_length": d.max_length, "max_train_samples": d.max_train_samples,
+              "max_eval_samples": d.max_eval_samples, "seed": recipe.train.seed}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in shared.items() if k not in given})
+    check_ranges(cfg, "prune")
+    cfg.validate(check_model=False)
+    return cfg
+
+
+def _quantize_settings(cfg: QuantizeSettings, recipe: Any, given: dict[str, Any]) -> QuantizeSettings:
+    """The ``quantize:`` section completed (``eval``/``train``/``max_eval_samples``/``max_length``
+    from the shared ``data`` section unless ``given``) and checked; ``model``/``output`` are set
+    when the stage runs."""
+    check_pipeline_fills(cfg, "quantize")
+    d = recipe.data
+    shared = {"eval": d.eval, "train": d.train, "max_eval_samples": d.max_eval_samples, "max_length": d.max_length}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in shared.items() if k not in given})
+    check_ranges(cfg, "quantize")
+    cfg.validate(check_model=False)
+    return cfg
+
+
+def resolved_tree(plan: Plan) -> dict[str, Any]:
+    """The recipe as it runs: shared sections, ``stages`` and every stage's resolved settings
+    (``OUT/pipeline.yaml``, ``slimtune run --print-config``); ``slimtune run`` reads it back."""
+    return {**plan.tree, "stages": plan.stages,
+            **{s: (dataclasses.asdict(c) if dataclasses.is_dataclass(c) else
+                   {**dataclasses.asdict(c["distill"]), "train": c["train"]}) for s, c in plan.configs.items()}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,11 +301,7 @@ def run_pipeline(plan: Plan, *, force: bool = False, log: Any = None) -> dict[st
     say = log or (lambda msg: print(f"[slimtune run] {msg}", file=sys.stderr, flush=True))
     plan.output.mkdir(parents=True, exist_ok=True)
 
-    atomic_write_text(plan.output / "pipeline.yaml", yaml.safe_dump(
-        {**plan.tree, "stages": plan.stages,
-         **{s: (dataclasses.asdict(c) if dataclasses.is_dataclass(c) else
-                {**dataclasses.asdict(c["distill"]), "train": c["train"]}) for s, c in plan.configs.items()}},
-        sort_keys=False))
+    atomic_write_text(plan.output / "pipeline.yaml", yaml.safe_dump(resolved_tree(plan), sort_keys=False))
     data = plan.tree.get("data") or {}
     data_files = [f for f in (data.get("train"), data.get("eval")) if f]
     current = resolve_model((plan.tree.get("model") or {}).get("name", "minilm"))
@@ -367,9 +344,7 @@ def run_pipeline(plan: Plan, *, force: bool = False, log: Any = None) -> dict[st
             tree = deep_merge(plan.tree, {"output": str(d), "model": {"name": current}, "train": cfg["train"]})
             run_distill(resolve(tree, plan.source), cfg["distill"])
         elif name == "prune":
-
-            recipe = resolve(deep_merge(plan.tree, {"output": str(d)}), plan.source)
-            run_prune(_prune_settings(cfg, recipe, current, str(d)))
+            run_prune(dataclasses.replace(cfg, model=current, output=str(d)))  # atomic, like quantize
         elif name == "quantize":
             _run_quantize(plan, cfg, current, d)
         elif name == "evaluate":
@@ -392,17 +367,10 @@ def run_pipeline(plan: Plan, *, force: bool = False, log: Any = None) -> dict[st
     return {"stages": summary, "rows": rows, "output": str(plan.output)}
 
 
-def _run_quantize(plan: Plan, cfg: QuantizeStage, current: str, d: Path) -> None:
-
-    data = plan.tree.get("data") or {}
+def _run_quantize(plan: Plan, cfg: QuantizeSettings, current: str, d: Path) -> None:
+    """Quantize the previous stage's model into ``d`` (its data paths were filled at validation)."""
     # run_quantize replaces the folder atomically when done (stage.json is rewritten after it)
-    run_quantize(current, cfg.scheme, str(d), eval_path=data.get("eval"), granularity=cfg.granularity,
-                 group_size=cfg.group_size, bits=cfg.bits, include_embeddings=cfg.include_embeddings,
-                 backend=cfg.backend, repeats=cfg.repeats, threads=cfg.threads, batch_size=cfg.batch_size,
-                 seq_len=cfg.seq_len, min_sqnr_db=cfg.min_sqnr_db,
-                 max_accuracy_drop=cfg.max_accuracy_drop, max_eval_samples=data.get("max_eval_samples"),
-                 max_length=data.get("max_length"), qat_steps=cfg.qat_steps, train_path=data.get("train"),
-                 calib_samples=cfg.calib_samples)
+    run_quantize(dataclasses.replace(cfg, model=current, output=str(d)))
     _restore_threads()
 
 
@@ -413,38 +381,45 @@ def _restore_threads() -> None:
     os.environ.pop("SLIMTUNE_THREADS", None)
 
 
-def _run_evaluate(plan: Plan, cfg: EvaluateStage, models: dict[str, str], d: Path) -> None:
+def _run_evaluate(plan: Plan, cfg: EvaluateSettings, models: dict[str, str], d: Path) -> None:
+    """Every model of the run on ``cfg.eval`` (default ``data.eval``): ``evaluation.json``."""
 
     data = plan.tree.get("data") or {}
     path = cfg.eval or data.get("eval")
     results = {}
     for name, m in models.items():
         results[name] = evaluate_model_dir(m, path, max_eval_samples=cfg.max_eval_samples,
-                                           max_length=data.get("max_length"), batch_size=cfg.batch_size)
+                                           max_length=cfg.max_length or data.get("max_length"),
+                                           batch_size=cfg.batch_size, text_column=cfg.text_column,
+                                           text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
+                                           encoding=cfg.encoding, skip_bad_rows=cfg.skip_bad_rows)
         print(f"[slimtune run] evaluate {name}: accuracy {results[name]['accuracy']:.4f}", file=sys.stderr)
     atomic_write_json(d / "evaluation.json", {"eval_file": path, "models": results})
 
 
-def _run_bench(cfg: BenchStage, models: dict[str, str], d: Path) -> None:
+def _run_bench(cfg: BenchSettings, models: dict[str, str], d: Path) -> None:
+    """Every model of the run timed side by side: ``bench.json`` and ``bench.md``."""
 
     res = bench_models(models, batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens, threads=cfg.threads,
-                       repeats=cfg.repeats, warmup=cfg.warmup)
+                       repeats=cfg.repeats, warmup=cfg.warmup, min_seconds=cfg.min_seconds,
+                       eval_path=cfg.eval, max_eval_samples=cfg.max_eval_samples)
     _restore_threads()
     atomic_write_json(d / "bench.json", res)
     atomic_write_text(d / "bench.md", format_bench(res) + "\n")
 
 
-def _run_report(plan: Plan, cfg: ReportStage, models: dict[str, str], d: Path) -> None:
+def _run_report(plan: Plan, cfg: ReportSettings, models: dict[str, str], d: Path) -> None:
+    """The trade-off report of every model of the run (also copied to the top of OUT)."""
 
     ev = bench = None
     if "evaluate" in plan.stages:
         ev = json.loads((plan.stage_dir("evaluate") / "evaluation.json").read_text())
     if "bench" in plan.stages:
         bench = json.loads((plan.stage_dir("bench") / "bench.json").read_text())
-    setting = None
+    at = None
     if bench:
         s = bench["settings"]
-        setting = (s["threads"][0], s["batch_sizes"][0], s["seq_lens"][0])
+        at = (s["threads"][0], s["batch_sizes"][0], s["seq_lens"][0])
     rows = []
     for name, m in models.items():
         r: dict[str, Any] = {"name": name, "path": m, "kind": model_kind(m), "params": count_stored_params(m),
@@ -453,7 +428,7 @@ def _run_report(plan: Plan, cfg: ReportStage, models: dict[str, str], d: Path) -
             e = ev["models"][name]
             r.update(accuracy=e["accuracy"], macro_f1=e["macro_f1"], per_class=e["per_class"])
         if bench and name in bench["models"]:
-            lat = latency_at(bench["models"][name], *setting)
+            lat = latency_at(bench["models"][name], *at)
             if lat:
                 r.update(latency_ms_p50=lat["p50_ms"], latency_ms_p95=lat["p95_ms"])
         if (Path(m) / "metrics.jsonl").is_file() and name != "input":
@@ -466,18 +441,9 @@ def _run_report(plan: Plan, cfg: ReportStage, models: dict[str, str], d: Path) -
     meta: dict[str, Any] = {"recipe": plan.source, "stages": " → ".join(plan.stages)}
     if ev:
         meta["accuracy on"] = ev["eval_file"]
-    if setting:
-        meta["latency setting"] = f"threads {setting[0]}, batch {setting[1]}, seq {setting[2]}, interleaved, one run"
+    if at:
+        meta["latency setting"] = f"threads {at[0]}, batch {at[1]}, seq {at[2]}, interleaved, one run"
     meta["hardware"] = bench["hardware"] if bench else hardware_fingerprint()
     paths = write_report(d, rows, title=cfg.title or f"slimtune run: {plan.output.name}", teacher=teacher, meta=meta)
     for p in paths.values():  # the report is the run's front page: also at the top of OUT
         shutil.copy2(p, plan.output / p.name)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-
-

@@ -21,9 +21,8 @@ ONE interleaved run (:func:`slimtune.benchmark.latency.bench_models`), the Paret
 vs latency) is marked, and the smallest/fastest candidate meeting every constraint is copied to
 ``OUT/best/``. When none meets them, the command says so, still copies the closest one and
 keeps all of them. Outputs: ``OUT/best/`` (+ ``metrics.json``), ``OUT/candidates.json``,
-``OUT/report.html`` (+ ``.md``, ``.json``).
-
-Top-level imports are stdlib only (the CLI parser imports this module).
+``OUT/report.html`` (+ ``.md``, ``.json``), ``OUT/summary.json`` and the settings,
+``OUT/compress.yaml`` (read back by ``slimtune compress --config``; also ``compress.json``).
 """
 
 from __future__ import annotations
@@ -34,19 +33,20 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from slimtune.benchmark.latency import _model_inputs, bench_models, latency_at
+from slimtune.benchmark.latency import bench_models, latency_at, model_inputs
 from slimtune.benchmark.timing import hardware_fingerprint, measure_latency, set_threads
 from slimtune.compress.distill.recipe import run_distill
 from slimtune.compress.distill.settings import DistillConfig
 from slimtune.compress.prune.recipe import PruneSettings, run_prune
 from slimtune.compress.quant.recipe import run_quantize
-from slimtune.config.fields import RecipeError
+from slimtune.compress.quant.settings import QuantizeSettings
+from slimtune.config.fields import RecipeError, check_ranges, save_settings, setting
 from slimtune.config.recipe import resolve
 from slimtune.evaluate.evaluator import evaluate_model_dir
 from slimtune.io import atomic_dir, atomic_write_json, weights_size_mb
@@ -57,62 +57,52 @@ from slimtune.runtime.folders import count_stored_params, model_kind
 
 @dataclass
 class CompressSettings:
-    """Everything ``slimtune compress`` does; saved as ``OUT/compress.json``."""
+    """Everything ``slimtune compress`` does (each field is a flag); saved as ``OUT/compress.yaml``
+    (what ``--config`` reads back) and ``OUT/compress.json``."""
 
-    model: str
-    train: str
-    eval: str
-    output: str
-    max_accuracy_drop: float  # points (1.0 = one accuracy point)
-    max_size_mb: float | None = None
-    max_latency_ms: float | None = None
-    budget_minutes: float = 30.0
-    test: str | None = None
-    depths: list[int] = field(default_factory=lambda: [2, 3, 4])
-    ffn: list[float] = field(default_factory=lambda: [0.5])
-    vocab: bool = True
-    quant: list[str] = field(default_factory=lambda: ["int8"])
-    max_train_samples: int | None = 8000
-    max_eval_samples: int | None = None
-    max_length: int = 128
-    epochs: float = 1.0
-    lr: float = 1e-4
-    batch_size: int = 32
-    recover_steps: int = 200
-    alpha: float = 0.5
-    temperature: float = 2.0
-    threads: int = 1
-    bench_batch_size: int = 1
-    bench_seq_len: int = 128
-    bench_repeats: int = 50
-    prefer: str = "balanced"
-    seed: int = 42
+    model: str = setting(help="Fine-tuned classifier folder: the teacher and the reference.", metavar="DIR")
+    train: str = setting(help="Training file (distillation, recovery, vocabulary).", metavar="FILE")
+    eval: str = setting(help="Labelled file the accuracy constraint is checked on (use a dev split).", metavar="FILE")
+    output: str = setting(help="Output folder (best/, candidates/, report, the settings).", metavar="DIR")
+    max_accuracy_drop: float = setting(help="Accuracy points the result may lose vs --model on --eval (1 = one point).", ge=0)
+    test: str | None = setting(None, "Held-out labelled file: accuracy reported for every candidate, never used to choose.", metavar="FILE")
+    max_size_mb: float | None = setting(None, "Also require weights on disk <= S MB.", gt=0)
+    max_latency_ms: float | None = setting(None, "Also require p50 latency <= L ms (at the bench setting below).", gt=0)
+    budget_minutes: float = setting(30.0, "Wall-clock budget of the search.", gt=0)
+    depths: list[int] = setting([2, 3, 4], "Student layer counts to consider, comma-separated.", ge=1, metavar="N[,N...]")
+    ffn: list[float] = setting([0.5], "FFN fractions to remove, comma-separated.", gt=0, lt=1, metavar="F[,F...]")
+    vocab: bool = setting(True, "Prune the vocabulary to --train (--no-vocab: keep it).")
+    quant: list[Literal["int8", "none"]] = setting(["int8"], "Quantized variants, comma-separated: int8 (ONNX Runtime) and/or none.", metavar="Q[,Q...]")
+    max_train_samples: int | None = setting(8000, "Training rows per training step.", ge=1)
+    max_eval_samples: int | None = setting(None, "Evaluate on N rows of --eval (a seeded sample; default all).", ge=1)
+    max_length: int = setting(128, "Tokens per example for training and evaluation.", ge=1)
+    epochs: float = setting(1.0, "Distillation epochs.", gt=0)
+    lr: float = setting(1e-4, "Learning rate of distillation and recovery.", gt=0)
+    batch_size: int = setting(32, "Training batch size.", ge=1)
+    recover_steps: int = setting(200, "KD recovery steps after FFN pruning.", ge=0)
+    alpha: float = setting(0.5, "Weight of hard-label CE in distillation (1 - alpha on the KD term).", ge=0, le=1)
+    temperature: float = setting(2.0, "Distillation softmax temperature.", gt=0)
+    threads: int = setting(1, "Threads for every latency number.", ge=1)
+    bench_batch_size: int = setting(1, "Batch size of the latency measurements.", ge=1)
+    bench_seq_len: int = setting(128, "Sequence length of the latency measurements.", ge=2)
+    bench_repeats: int = setting(50, "Interleaved rounds of the final side-by-side bench.", ge=1)
+    prefer: Literal["balanced", "size", "latency"] = setting("balanced", "Among feasible candidates: balanced (size x latency), size or latency first.")
+    seed: int = setting(42, "Seed of sampling, distillation and recovery.")
 
     def validate(self) -> None:
-        """Check flags and files before anything loads (errors name the flag)."""
+        """Check ranges and files before anything loads (errors name the flag)."""
 
+        check_ranges(self, "--")
         if not (Path(self.model) / "config.json").is_file():
             raise RecipeError(f"--model: not a model folder (no config.json): {self.model}")
         for flag, path in (("--train", self.train), ("--eval", self.eval), ("--test", self.test)):
             if path is not None and not Path(path).is_file():
                 raise RecipeError(f"{flag}: file not found: {path}")
-        if self.max_accuracy_drop < 0:
-            raise RecipeError(f"--max-accuracy-drop: must be >= 0 points, got {self.max_accuracy_drop}")
-        if self.budget_minutes <= 0:
-            raise RecipeError(f"--budget-minutes: must be > 0, got {self.budget_minutes}")
-        if any(d < 1 for d in self.depths):
-            raise RecipeError(f"--depths: layer counts must be >= 1, got {self.depths}")
-        if any(not 0 < f < 1 for f in self.ffn):
-            raise RecipeError(f"--ffn: fractions to remove must be in (0, 1), got {self.ffn}")
         bad = [q for q in self.quant if q not in ("int8", "none")]
         if bad:
             raise RecipeError(f"--quant: {bad[0]!r} is not one of ['int8', 'none']")
         if self.prefer not in ("balanced", "size", "latency"):
             raise RecipeError(f"--prefer: {self.prefer!r} is not one of ['balanced', 'size', 'latency']")
-        for name in ("max_size_mb", "max_latency_ms"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise RecipeError(f"--{name.replace('_', '-')}: must be > 0, got {v}")
         if Path(self.output).resolve() == Path(self.model).resolve():
             raise RecipeError("--output must differ from --model")
 
@@ -267,9 +257,9 @@ class Search:
         set_threads(s.threads)
         if self._ref is None:
             p, tok = load_predict(s.model, s.threads)
-            self._ref = (p, _model_inputs(p, tok, s.bench_batch_size, s.bench_seq_len))
+            self._ref = (p, model_inputs(p, tok, s.bench_batch_size, s.bench_seq_len))
         p, tok = load_predict(d, s.threads)
-        x = _model_inputs(p, tok, s.bench_batch_size, s.bench_seq_len)
+        x = model_inputs(p, tok, s.bench_batch_size, s.bench_seq_len)
         ref_p, ref_x = self._ref
         lat = measure_latency({"teacher": lambda: ref_p(ref_x), name: lambda: p(x)}, repeats=8, warmup=2)
         out["latency_ms_probe"] = lat[name]["p50_ms"]
@@ -291,9 +281,10 @@ class Search:
         s = self.s
 
         def make(d: Path) -> None:
-            run_quantize(parent["path"], "int8", str(d), backend="onnxruntime", threads=s.threads,
-                         batch_size=s.bench_batch_size, seq_len=s.bench_seq_len, repeats=5,
-                         min_sqnr_db=-1000.0, max_accuracy_drop=100.0, calib_path=s.train, calib_samples=64)
+            run_quantize(QuantizeSettings(model=parent["path"], output=str(d), scheme="int8", backend="onnxruntime",
+                                          threads=s.threads, batch_size=s.bench_batch_size, seq_len=s.bench_seq_len,
+                                          repeats=5, min_sqnr_db=-1000.0, calib=s.train,
+                                          calib_samples=64))
 
         self.build(parent["name"] + "-int8", parent["name"], settings, "quantize", make, pred)
 
@@ -305,6 +296,7 @@ def run_compress(s: CompressSettings, log: Any = None) -> dict[str, Any]:
     S = Search(s, log)
     out = S.out
     atomic_write_json(out / "compress.json", dataclasses.asdict(s))
+    save_settings(s, out / "compress.yaml")  # what `slimtune compress --config` reads back
     n_layers = int(S.teacher_cfg.get("num_hidden_layers", 0))
     cfg = S.teacher_cfg
 
@@ -443,6 +435,25 @@ def _score(c: dict[str, Any], ref: dict[str, Any], prefer: str) -> tuple[float, 
 def finish(S: Search, t_eval: dict[str, Any]) -> dict[str, Any]:
     """Bench every candidate and the input side by side; choose; write best/, JSON and report."""
 
+    ok, res = _final_bench(S)
+    _mark_front(S, ok)
+    best, verdict_ok, verdict = _choose(S, ok)
+    for c in S.cands.values():
+        c["best"] = c is best
+    S.save()
+    _write_best(S, best, verdict_ok, res)
+    paths = _write_report(S, ok, best, verdict, verdict_ok, t_eval)
+    summary = {"verdict": verdict, "meets_constraints": verdict_ok, "best": best["name"],
+               "min_accuracy": S.min_accuracy, "report": str(paths["html"]),
+               "candidates": list(S.cands.values())}
+    atomic_write_json(S.out / "summary.json", {k: v for k, v in summary.items() if k != "candidates"})
+    return summary
+
+
+def _final_bench(S: Search) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Time every built candidate (earlier runs' too) and the input in ONE interleaved run; add
+    the final latencies (and ``--test`` accuracy) to each. Returns (the built candidates, the bench)."""
+
     s = S.s
     # Candidates an earlier run built in this folder (same evaluation data) stay in the comparison.
     for marker in sorted(S.cand_dir.glob("*/candidate.json")):
@@ -463,13 +474,29 @@ def finish(S: Search, t_eval: dict[str, Any]) -> dict[str, Any]:
         if s.test:
             te = evaluate_model_dir(c["path"], s.test, max_length=s.max_length)
             c["test_accuracy"], c["test_macro_f1"] = te["accuracy"], te["macro_f1"]
+    return ok, res
+
+
+def _mark_front(S: Search, ok: list[dict[str, Any]]) -> None:
+    """``on_pareto_front`` (accuracy vs latency vs size) and ``meets_constraints`` (final latencies)."""
     front = pareto_front(ok, ("latency_ms_p50", "size_mb"))
     for c in S.cands.values():
         c["on_pareto_front"] = False
         c["meets_constraints"] = S.feasible(c, use_final=True)
     for c, f in zip(ok, front, strict=True):
         c["on_pareto_front"] = f
-    ref = S.cands["input"]
+
+
+def _size_latency_text(s: CompressSettings, sep: str) -> str:
+    """``", size <= 9.08 MB, p50 <= 10 ms"``: the size and latency constraints that are set."""
+    return ((f"{sep}size <= {s.max_size_mb} MB" if s.max_size_mb else "")
+            + (f"{sep}p50 <= {s.max_latency_ms} ms" if s.max_latency_ms else ""))
+
+
+def _choose(S: Search, ok: list[dict[str, Any]]) -> tuple[dict[str, Any], bool, str]:
+    """(best candidate, whether it meets every constraint, the verdict sentence)."""
+
+    s, ref = S.s, S.cands["input"]
     feasible = [c for c in ok if c["meets_constraints"]]
     if feasible:
         best = min(feasible, key=lambda c: _score(c, ref, s.prefer))
@@ -489,40 +516,35 @@ def finish(S: Search, t_eval: dict[str, Any]) -> dict[str, Any]:
 
         best = min(ok, key=lambda c: (violation(c), _score(c, ref, s.prefer)))
         verdict_ok = False
-        verdict = (f"NO candidate meets the constraints (accuracy >= {S.min_accuracy:.4f}"
-                   + (f", size <= {s.max_size_mb} MB" if s.max_size_mb else "")
-                   + (f", p50 <= {s.max_latency_ms} ms" if s.max_latency_ms else "")
-                   + f"). All {len(ok)} candidates are kept in candidates/; best/ holds the closest: "
+        verdict = (f"NO candidate meets the constraints (accuracy >= {S.min_accuracy:.4f}{_size_latency_text(s, ', ')}). "
+                   f"All {len(ok)} candidates are kept in candidates/; best/ holds the closest: "
                    f"{best['name']} (accuracy {best['accuracy']:.4f}, {best['size_mb']:.2f} MB, "
                    f"{best['latency_ms_p50']:.2f} ms). Try a larger --budget-minutes, --max-train-samples or "
                    f"--depths with more layers.")
     if s.test and best.get("test_accuracy") is not None and ref.get("test_accuracy"):
         verdict += (f"; on the held-out {Path(s.test).name} (never used to choose): {best['test_accuracy']:.4f} vs "
                     f"{ref['test_accuracy']:.4f}, {best['test_accuracy'] / ref['test_accuracy']:.2%} of the input")
-    for c in S.cands.values():
-        c["best"] = c is best
-    S.save()
-    _write_best(S, best, verdict_ok, res)
+    return best, verdict_ok, verdict
+
+
+def _write_report(S: Search, ok: list[dict[str, Any]], best: dict[str, Any], verdict: str, verdict_ok: bool,
+                  t_eval: dict[str, Any]) -> dict[str, Path]:
+    """``OUT/report.{html,md,json}``: every built candidate, the constraint, the search and the hardware."""
+
+    s = S.s
     rows = [{**c, "settings": c.get("settings"), "metrics_jsonl": str(Path(c["path"]) / "metrics.jsonl")}
             for c in ok]
     meta = {"constraint": f"accuracy >= {S.min_accuracy:.4f} on {s.eval} (input {t_eval['accuracy']:.4f} "
-                          f"- {s.max_accuracy_drop} pt)"
-            + (f"; size <= {s.max_size_mb} MB" if s.max_size_mb else "")
-            + (f"; p50 <= {s.max_latency_ms} ms" if s.max_latency_ms else ""),
+                          f"- {s.max_accuracy_drop} pt){_size_latency_text(s, '; ')}",
             "latency setting": f"threads {s.threads}, batch {s.bench_batch_size}, seq {s.bench_seq_len}, "
                                f"{s.bench_repeats} interleaved rounds, one run",
             "search": f"{len(S.cands)} candidates ({len(ok)} built), {(time.monotonic() - S.t0) / 60:.1f} min of "
                       f"{s.budget_minutes} min budget",
             "skipped": {c["name"]: c["reason"] for c in S.cands.values() if c.get("status") != "ok"} or "none",
             "hardware": hardware_fingerprint()}
-    paths = write_report(S.out, rows, title=f"slimtune compress: {Path(s.model).name}", teacher="input",
-                         best=best["name"], verdict=verdict, verdict_ok=verdict_ok,
-                         min_accuracy=S.min_accuracy, meta=meta)
-    summary = {"verdict": verdict, "meets_constraints": verdict_ok, "best": best["name"],
-               "min_accuracy": S.min_accuracy, "report": str(paths["html"]),
-               "candidates": list(S.cands.values())}
-    atomic_write_json(S.out / "summary.json", {k: v for k, v in summary.items() if k != "candidates"})
-    return summary
+    return write_report(S.out, rows, title=f"slimtune compress: {Path(s.model).name}", teacher="input",
+                        best=best["name"], verdict=verdict, verdict_ok=verdict_ok,
+                        min_accuracy=S.min_accuracy, meta=meta)
 
 
 def _write_best(S: Search, best: dict[str, Any], ok: bool, res: dict[str, Any]) -> None:

@@ -4,8 +4,8 @@ One worker thread owns the model (:mod:`slimtune.serve.batching`); request handl
 FastAPI) validate the body, queue it and await the batcher's answer. The model folder is loaded
 behind one small Runner interface (:mod:`slimtune.serve.models`: torch, ONNX Runtime or
 slimtune's quantized models) and metrics are kept in :mod:`slimtune.serve.metrics`. This module
-holds the HTTP app (routes, validation, errors, auth) and the CLI, and re-exports the public
-names of the others.
+holds the HTTP app (routes, validation, errors, auth) and re-exports the public names of the
+others (the settings are :mod:`slimtune.serve.settings`).
 
 Top-level imports are stdlib only (``slimtune --help`` stays fast); FastAPI, torch and
 onnxruntime are imported where used.
@@ -19,9 +19,10 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from slimtune.serve.batching import Batcher, ClientError, ServeConfig
+from slimtune.serve.batching import Batcher, ClientError
 from slimtune.serve.metrics import Metrics
 from slimtune.serve.models import Runner, load_runner
+from slimtune.serve.settings import ServeConfig
 
 # --------------------------------------------------------------------------------------------
 # HTTP app
@@ -126,18 +127,33 @@ def _schemas(cfg: ServeConfig) -> tuple[Any, Any]:
 
 
 def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str = "model") -> Any:
-    """The ASGI app (FastAPI) serving ``runner``; the batcher starts/stops with the app's lifespan."""
+    """The ASGI app (FastAPI) serving ``runner``; the batcher starts/stops with the app's lifespan.
 
-    from fastapi import Depends, FastAPI, Request  # optional dependency (the serve extra)
-    from fastapi.exceptions import RequestValidationError  # optional dependency (the serve extra)
-    from fastapi.responses import JSONResponse, PlainTextResponse  # optional dependency (the serve extra)
-    from starlette.exceptions import HTTPException as StarletteHTTPException  # optional dependency (the serve extra)
+    Args:
+        runner: The loaded model (:func:`slimtune.serve.models.load_runner`).
+        cfg: Limits and batching (default ``ServeConfig()``); validated here.
+        model_name: The name answers and ``/healthz`` report.
 
+    Returns:
+        The FastAPI app: ``/v1/classify``, ``/v1/generate``, ``/healthz``, ``/metrics``, ``/docs``.
+    """
     cfg = cfg or ServeConfig()
     cfg.validate()
     metrics = Metrics()
     batcher = Batcher(runner, cfg, metrics)
-    ClassifyRequest, GenerateRequest = _schemas(cfg)
+    app = _setup_app(runner, cfg, batcher, metrics, model_name)
+    _setup_error_handlers(app)
+    auth = _auth_dependency(cfg)
+    _setup_inference_routes(app, runner, cfg, _asker(batcher, cfg), auth, model_name)
+    _setup_ops_routes(app, runner, batcher, metrics, auth, model_name)
+    app.add_middleware(_Guard, metrics=metrics, max_body=cfg.max_body_bytes)
+    return app
+
+
+def _setup_app(runner: Runner, cfg: ServeConfig, batcher: Batcher, metrics: Metrics, model_name: str) -> Any:
+    """The bare FastAPI app whose lifespan starts and stops the batcher thread."""
+
+    from fastapi import FastAPI  # optional dependency (the serve extra)
 
     @asynccontextmanager
     async def lifespan(app: Any):  # noqa: ANN202
@@ -149,27 +165,47 @@ def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str =
                   description=f"{runner.task} model `{model_name}` on {runner.backend}, dynamic batching "
                               f"(max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms} ms).")
     app.state.batcher, app.state.metrics, app.state.cfg = batcher, metrics, cfg
+    return app
 
-    def err(status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> Any:
-        return JSONResponse({"error": {"type": kind, "message": message, **extra}}, status, headers=headers)
+
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> Any:
+    """The JSON error body every refusal uses: ``{"error": {"type", "message", ...}}``."""
+
+    from fastapi.responses import JSONResponse  # optional dependency (the serve extra)
+
+    return JSONResponse({"error": {"type": kind, "message": message, **extra}}, status, headers=headers)
+
+
+def _setup_error_handlers(app: Any) -> None:
+    """ClientError, request validation (400 malformed JSON, 422 otherwise) and HTTP errors as JSON."""
+
+    from fastapi import Request  # optional dependency (the serve extra)
+    from fastapi.exceptions import RequestValidationError  # optional dependency (the serve extra)
+    from starlette.exceptions import HTTPException  # optional dependency (the serve extra)
 
     @app.exception_handler(ClientError)
     async def _client_error(_: Request, e: ClientError) -> Any:
-        return err(e.status, e.kind, e.message, e.headers)
+        return _error(e.status, e.kind, e.message, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> Any:
         errors = e.errors()
         if any(x.get("type") == "json_invalid" for x in errors):
             ctx = next(x.get("ctx", {}) for x in errors if x.get("type") == "json_invalid")
-            return err(400, "malformed_json", f"request body is not valid JSON ({ctx.get('error', 'decode error')})")
+            return _error(400, "malformed_json", f"request body is not valid JSON ({ctx.get('error', 'decode error')})")
         details = [{"loc": ".".join(str(p) for p in x.get("loc", ())), "msg": x.get("msg", "")} for x in errors]
         msg = "; ".join(f"{d['loc']}: {d['msg']}" for d in details[:5])
-        return err(422, "invalid_request", msg, errors=details)
+        return _error(422, "invalid_request", msg, errors=details)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> Any:
-        return err(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None))
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, e: HTTPException) -> Any:
+        return _error(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None))
+
+
+def _auth_dependency(cfg: ServeConfig) -> Any:
+    """The dependency that checks the API key (constant-time) when one is set."""
+
+    from fastapi import Request  # optional dependency (the serve extra)
 
     def auth(request: Request) -> None:
         if cfg.api_key is None:
@@ -182,7 +218,13 @@ def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str =
             raise ClientError(401, "unauthorized", "missing or wrong API key (send 'Authorization: Bearer KEY')",
                               {"WWW-Authenticate": "Bearer"})
 
-    async def run(rows: list[Any]) -> Any:
+    return auth
+
+
+def _asker(batcher: Batcher, cfg: ServeConfig) -> Any:
+    """``await ask(rows)``: queue ``rows`` as one request and wait for the answer (503 on timeout)."""
+
+    async def ask(rows: list[Any]) -> Any:
         fut = batcher.submit(rows)
         try:
             return await asyncio.wait_for(fut, cfg.request_timeout_s)
@@ -190,13 +232,23 @@ def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str =
             raise ClientError(503, "timeout", f"no answer within {cfg.request_timeout_s} s; retry later",
                               {"Retry-After": "1"}) from None
 
+    return ask
+
+
+def _setup_inference_routes(app: Any, runner: Runner, cfg: ServeConfig, ask: Any, auth: Any, model_name: str) -> None:
+    """``POST /v1/classify`` and ``POST /v1/generate`` (request schemas carry this server's limits)."""
+
+    from fastapi import Depends  # optional dependency (the serve extra)
+
+    ClassifyRequest, GenerateRequest = _schemas(cfg)
+
     @app.post("/v1/classify", dependencies=[Depends(auth)], tags=["inference"])
     async def classify(body: ClassifyRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         """Label and class probabilities for each text (or pair), in request order."""
         if runner.task != "classification":
             raise ClientError(400, "wrong_task", "this server runs a causal LM: use POST /v1/generate")
         rows = body.texts if body.texts is not None else [tuple(p) for p in body.pairs]
-        return {"model": model_name, "results": await run(rows)}
+        return {"model": model_name, "results": await ask(rows)}
 
     @app.post("/v1/generate", dependencies=[Depends(auth)], tags=["inference"])
     async def generate(body: GenerateRequest) -> dict[str, Any]:  # type: ignore[valid-type]
@@ -210,7 +262,15 @@ def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str =
                               f"with max_new_tokens={body.max_new_tokens}")
         row = {"ids": ids, "max_new_tokens": body.max_new_tokens, "temperature": float(body.temperature),
                "top_p": float(body.top_p)}
-        return {"model": model_name, **(await run([row]))}
+        return {"model": model_name, **(await ask([row]))}
+
+
+def _setup_ops_routes(app: Any, runner: Runner, batcher: Batcher, metrics: Metrics, auth: Any,
+                      model_name: str) -> None:
+    """``GET /healthz`` (never needs the key) and ``GET /metrics`` (Prometheus text)."""
+
+    from fastapi import Depends  # optional dependency (the serve extra)
+    from fastapi.responses import JSONResponse, PlainTextResponse  # optional (the serve extra)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Any:
@@ -224,18 +284,6 @@ def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str =
         """Prometheus text format."""
         return PlainTextResponse(metrics.render(batcher.depth()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    app.add_middleware(_Guard, metrics=metrics, max_body=cfg.max_body_bytes)
-    return app
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-
-
 
 
 __all__ = ["Batcher", "ClientError", "Metrics", "Runner", "ServeConfig", "create_app", "load_runner"]

@@ -8,9 +8,9 @@ waited while the model was busy, it never waits again), runs the rows as one pad
 answers 503 with Retry-After at once instead of growing memory. A batch that raises is retried
 one request at a time, so one poisoned input fails alone and the worker never dies.
 
-Also holds the server settings (:class:`ServeConfig`) and the error a request is refused with
-(:class:`ClientError`), which the batcher and the HTTP layer share. Top-level imports are stdlib
-only; numpy is imported where used.
+Also holds the error a request is refused with (:class:`ClientError`), which the batcher and
+the HTTP layer share; the settings are :class:`slimtune.serve.settings.ServeConfig` (re-exported
+here).
 """
 
 import asyncio
@@ -18,43 +18,14 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from slimtune.serve.metrics import Metrics
 from slimtune.serve.models import Runner, pad_batch
-
-
-@dataclass
-class ServeConfig:
-    """Server limits and batching settings (every field is a ``slimtune serve`` flag)."""
-
-    max_batch_size: int = field(default=32, metadata={"help": "most rows (texts) per forward pass; 1 = no batching"})
-    max_wait_ms: float = field(default=5.0, metadata={"help": "longest a request waits for others to join its batch"})
-    max_queue: int = field(default=256, metadata={"help": "most requests waiting; more are refused with 503"})
-    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"})
-    max_texts: int = field(default=64, metadata={"help": "most texts (or pairs) per classify request"})
-    max_chars: int = field(default=4000, metadata={"help": "most characters per text or prompt"})
-    max_new_tokens: int = field(default=256, metadata={"help": "upper bound on max_new_tokens for generate"})
-    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted (413 above)"})
-    request_timeout_s: float = field(default=30.0, metadata={"help": "a request not answered by then gets 503"})
-    threads: int | None = field(default=None, metadata={"help": "intra-op threads for torch / ONNX Runtime"})
-    device: str = field(default="cpu", metadata={"help": "where the model runs: cpu, cuda or cuda:N (torch and ONNX folders)"})
-    forward_cost_tokens: int = field(default=32, metadata={"help": "fixed cost of one forward pass, in padded tokens; a gathered batch is split by length where that saves more padding than this (0: never split)"})
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first setting out of range."""
-        if self.forward_cost_tokens < 0:
-            raise ValueError(f"--forward-cost-tokens must be >= 0, got {self.forward_cost_tokens}")
-        for name in ("max_batch_size", "max_queue", "max_texts", "max_chars", "max_new_tokens", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
-            raise ValueError("--max-wait-ms must be >= 0 and --request-timeout-s > 0")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+from slimtune.serve.settings import ServeConfig
 
 
 class ClientError(Exception):

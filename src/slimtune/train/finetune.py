@@ -25,6 +25,7 @@ import torch
 from slimtune.config.recipe import Recipe
 from slimtune.data.chat import is_chat_data, prepare_chat_data
 from slimtune.data.datasets import (
+    ClassificationData,
     TokenizedData,
     load_classification,
     read_text_files,
@@ -47,17 +48,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _read_classification(recipe: Recipe) -> tuple[ClassificationData, ClassificationData | None]:
+    """The recipe's labelled train and eval rows (columns, bad rows and labels checked)."""
+    d, t = recipe.data, recipe.train
+    cols = {"text_column": d.text_column, "text_pair_column": d.text_pair_column,
+            "label_column": d.label_column, "skip_bad_rows": d.skip_bad_rows, "encoding": d.encoding}
+    tr = load_classification(d.train, max_rows=d.max_train_samples, seed=t.seed, **cols)
+    ev = None
+    if d.eval:
+        ev = load_classification(d.eval, label_names=tr.label_names, max_rows=d.max_eval_samples,
+                                 seed=t.seed, **cols)
+    return tr, ev
+
+
+def check_data(recipe: Recipe) -> list[str] | None:
+    """Read a classification recipe's data as the run will (no tokenizer, no weights).
+
+    Raises DataError naming the file and line for what the run would reject (a missing column,
+    a malformed row, eval labels the training data lacks). ``slimtune validate`` calls it.
+
+    Returns:
+        The label names (None for causal-lm data or without ``data.train``).
+    """
+    if recipe.model.task != "classification" or recipe.data.train is None:
+        return None
+    return _read_classification(recipe)[0].label_names
+
+
 def prepare_data(recipe: Recipe, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | None, list[str] | None]:
     """Read and tokenize train/eval data for the recipe's task; return (train, eval, label names)."""
     d, t = recipe.data, recipe.train
     if recipe.model.task == "classification":
-        cols = {"text_column": d.text_column, "text_pair_column": d.text_pair_column,
-                "label_column": d.label_column, "skip_bad_rows": d.skip_bad_rows, "encoding": d.encoding}
-        tr = load_classification(d.train, max_rows=d.max_train_samples, seed=t.seed, **cols)
-        ev = None
-        if d.eval:
-            ev = load_classification(d.eval, label_names=tr.label_names, max_rows=d.max_eval_samples,
-                                     seed=t.seed, **cols)
+        tr, ev = _read_classification(recipe)
         return (tokenize_classification(tr, tokenizer, d.max_length),
                 tokenize_classification(ev, tokenizer, d.max_length) if ev else None, tr.label_names)
     if is_chat_data(d.train, d.format, d.encoding):  # chat/instruction JSONL: SFT, loss on the answers only
@@ -107,10 +129,7 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
     """Run a whole fine-tune as the recipe says; return the metrics written to ``metrics.json``."""
     t, m = recipe.train, recipe.model
     out = Path(recipe.output or "outputs/run")
-    out.mkdir(parents=True, exist_ok=True)
     multi = distributed.init_distributed()  # no-op unless launched by torchrun
-    if distributed.is_main():
-        recipe.save(out / "recipe.yaml")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
@@ -144,6 +163,9 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
     if eval_data is not None:
         def eval_fn(mdl: torch.nn.Module) -> dict[str, Any]:
             return evaluate_any(mdl, eval_data, m.task, labels, t.eval_batch_size)
+    out.mkdir(parents=True, exist_ok=True)  # data, model and method are good: the run writes from here
+    if distributed.is_main():
+        recipe.save(out / "recipe.yaml")
     summary = train(model, method, recipe.method, train_data, t, out, total_steps=total_steps,
                     eval_fn=eval_fn, metric=metric, group_by_length=recipe.data.group_by_length)
     if not distributed.is_main():

@@ -96,10 +96,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` as it runs on ``device``: ``auto`` is bf16 on GPUs that support it, else fp32."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
 def autocast_ctx(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast for bf16/fp16; ``auto`` means bf16 on GPUs that support it, else fp32."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -239,7 +245,7 @@ class MetricsLog:
         self.tb = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # optional dependency (the logging extra)
+                from torch.utils.tensorboard import SummaryWriter  # optional (the logging extra)
 
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
             except ImportError:
@@ -268,6 +274,37 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Loop:
+    """What the steps of one :func:`train` call share (torchtune style: set up once, then steps)."""
+
+    dp: Parallel
+    net: torch.nn.Module  # what the loss calls (the DDP/FSDP wrapper)
+    model: torch.nn.Module  # what trains
+    cfg: TrainConfig
+    data: TokenizedData
+    method: Any
+    method_cfg: Any
+    loss_fn: LossFn
+    eval_fn: EvalFn | None
+    metric: str
+    total_steps: int
+    ckpt_dir: Path
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: Any
+    state: LoopState
+    resumed: Path | None
+    log: Any = None
+    progress: Any = None
+    grad_norm: Any = None  # the last step's global gradient norm before clipping (clipping on)
+
+    @property
+    def sign(self) -> float:
+        """-1 when the metric is minimised ('loss'): the loop maximises ``sign * metric``."""
+        return -1.0 if self.metric == "loss" else 1.0
+
+
 def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedData,
           cfg: TrainConfig, out_dir: Path, *, total_steps: int, eval_fn: EvalFn | None = None,
           metric: str = "accuracy", loss_fn: LossFn = default_loss,
@@ -291,132 +328,185 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
         loss_fn: computes the scalar loss of a batch (distillation passes its own).
         group_by_length: batch examples of similar length together (see data.epoch_batches).
     """
+    loop = _setup_loop(model, method, method_cfg, data, cfg, Path(out_dir), total_steps=total_steps,
+                       eval_fn=eval_fn, metric=metric, loss_fn=loss_fn)
+    lengths = data.lengths()
+    # raw-LM blocks are equal-length; chat SFT examples are not
+    grouped = group_by_length and (not data.causal or data.token_labels is not None)
+    loop.model.train()
+    stop = False
+    while loop.state.step < total_steps and not stop:
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, loop.state.epoch, group_by_length=grouped)
+        stop = _run_epoch(loop, batches)
+    return _finish(loop, stop)
+
+
+def _setup_loop(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedData, cfg: TrainConfig,
+                out_dir: Path, *, total_steps: int, eval_fn: EvalFn | None, metric: str, loss_fn: LossFn) -> _Loop:
+    """Wrap the model for data parallelism, build optimizer/scheduler/scaler, resume, open the log."""
     dp = Parallel(model, fsdp=cfg.fsdp, find_unused_parameters=cfg.ddp_find_unused_parameters)
     if dp.kind == "fsdp" and cfg.precision == "fp16":
         raise ValueError("train.precision=fp16 is not supported with train.fsdp (sharded gradients need a "
                          "sharded loss scaler); use bf16")
-    net, model = dp.net, dp.module  # net: what the loss calls (DDP wrapper); model: what trains
-    device = dp.device
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(dp.module, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    state = LoopState()
-    resumed = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    scaler = torch.amp.GradScaler(dp.device.type, enabled=cfg.precision == "fp16")
+    loop = _Loop(dp=dp, net=dp.net, model=dp.module, cfg=cfg, data=data, method=method, method_cfg=method_cfg,
+                 loss_fn=loss_fn, eval_fn=eval_fn, metric=metric, total_steps=total_steps, ckpt_dir=ckpt_dir,
+                 opt=opt, sched=sched, scaler=scaler, state=LoopState(), resumed=None)
+    _setup_resume(loop)
+    loop.log = MetricsLog(out_dir, loop.state.step, cfg.tensorboard) if dp.is_main else _NullLog()
+    loop.progress = _progress(cfg, total_steps, loop.state.step, dp.is_main)
+    return loop
+
+
+def _setup_resume(loop: _Loop) -> None:
+    """Continue from the newest checkpoint (``train.resume``); rank 0's view of the folder decides."""
+    cfg, dp = loop.cfg, loop.dp
+    resumed = latest_checkpoint(loop.ckpt_dir) if cfg.resume else None
     if dp.distributed:
-        resumed = broadcast_object(resumed)  # rank 0's view of the folder decides
+        resumed = broadcast_object(resumed)
         dp.seed_ranks(cfg.seed)
     if resumed is not None:
-        state = load_checkpoint(resumed, model, opt, sched, dp=dp, seed=cfg.seed)
+        loop.state = load_checkpoint(resumed, loop.model, loop.opt, loop.sched, dp=dp, seed=cfg.seed)
         if dp.is_main:
-            print(f"[slimtune] resuming from {resumed} (step {state.step}/{total_steps})", file=sys.stderr)
-    log = MetricsLog(out_dir, state.step, cfg.tensorboard) if dp.is_main else _NullLog()
-    lengths = data.lengths()
-    sign = -1.0 if metric == "loss" else 1.0  # we maximise sign * metric
-    progress = _progress(cfg, total_steps, state.step, dp.is_main)
-    model.train()
-    stop = False
-    while state.step < total_steps and not stop:
-        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, state.epoch,
-                                # raw-LM blocks are equal-length; chat SFT examples are not
-                                group_by_length=group_by_length and (not data.causal or data.token_labels is not None))
-        while state.batch < len(batches) and state.step < total_steps:
-            t0 = time.perf_counter()
-            group = batches[state.batch: state.batch + cfg.grad_accum]
-            n_group = sum(len(i) for i in group)
-            loss_sum = 0.0
-            for j, idx in enumerate(group):
-                mine = dp.local(idx)  # this rank's slice of the global micro-batch (all of it alone)
-                with dp.sync(last=j == len(group) - 1):
-                    # An empty slice still runs a forward/backward, at weight 0, so that every
-                    # rank joins the gradient all-reduce.
-                    batch = {k: v.to(device, non_blocking=True) for k, v in collate(data, mine or idx[:1]).items()}
-                    with autocast_ctx(cfg.precision, device):
-                        loss = loss_fn(net, batch)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"loss is {loss.item()} at step {state.step + 1} (epoch {state.epoch}); "
-                            f"stopped. Last good checkpoint: {latest_checkpoint(ckpt_dir) or 'none yet'}. "
-                            f"Try a lower train.lr or train.precision=fp32.")
-                    # Weight each micro-batch by its size: the step's gradient is the mean over
-                    # all examples of the group, whatever the split. DDP averages over ranks,
-                    # hence the factor world (1 alone): uneven slices stay exact.
-                    scaler.scale(loss * (len(mine) * dp.world / n_group)).backward()
-                loss_sum += loss.item() * len(mine)
-            if cfg.max_grad_norm > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-            method.on_step_end(model, method_cfg, state.step + 1)
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            state.step += 1
-            state.batch += len(group)
-            state.samples += n_group
-            state.train_seconds += time.perf_counter() - t0
-            epoch_end = state.batch >= len(batches)
-            if epoch_end:
-                state.epoch, state.batch = state.epoch + 1, 0
-            progress.update(1)
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                if dp.distributed:
-                    loss_sum = all_reduce_sum([loss_sum])[0]
-                log.write(state.step, {"train/loss": loss_sum / n_group, "train/lr": sched.get_last_lr()[0],
-                                       "train/epoch": state.epoch + state.batch / len(batches),
-                                       "train/samples_per_s": state.samples / max(state.train_seconds, 1e-9)})
-                progress.set_postfix(loss=f"{loss_sum / n_group:.4f}")
-            last = state.step == total_steps
-            do_eval = eval_fn is not None and (
-                last or (state.step % cfg.eval_every == 0 if cfg.eval_every > 0 else epoch_end))
-            if do_eval:
-                # Every rank evaluates (FSDP needs all of them for each forward; no rank idles
-                # into a collective timeout); rank 0's numbers decide for all.
-                result = eval_fn(net if dp.kind == "fsdp" else model)
-                model.train()
-                if dp.distributed:
-                    result = broadcast_object(result)
-                log.write(state.step, {f"eval/{k}": v for k, v in result.items()
-                                       if isinstance(v, (int, float))})
-                value = sign * float(result[metric])
-                if state.best is None or value > state.best:
-                    state.best, state.best_step, state.bad_evals = value, state.step, 0
-                    weights = dp.trainable_state() if dp.distributed else trainable_state(model)
-                    if dp.is_main:
-                        with atomic_dir(ckpt_dir / "best") as tmp:
-                            save_file(weights, str(tmp / "trainable.safetensors"))
-                            (tmp / "state.json").write_text(json.dumps({"step": state.step, metric: result[metric]}))
-                else:
-                    state.bad_evals += 1
-                    if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
-                        if dp.is_main:
-                            print(f"[slimtune] early stopping at step {state.step}: no {metric} improvement "
-                                  f"in {state.bad_evals} evaluations", file=sys.stderr)
-                        stop = True
-            if do_eval or (cfg.save_every > 0 and state.step % cfg.save_every == 0) or last or stop:
-                save_checkpoint(ckpt_dir / f"step-{state.step:07d}", model, opt, sched, state, dp=dp)
-                if dp.is_main:
-                    _prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-            if stop or epoch_end:
-                break
-    progress.close()
-    log.close()
+            print(f"[slimtune] resuming from {resumed} (step {loop.state.step}/{loop.total_steps})", file=sys.stderr)
+    loop.resumed = resumed
+
+
+def _run_epoch(loop: _Loop, batches: list[list[int]]) -> bool:
+    """Optimizer steps over the rest of one epoch's batches; True when early stopping says stop."""
+    cfg, st = loop.cfg, loop.state
+    while st.batch < len(batches) and st.step < loop.total_steps:
+        t0 = time.perf_counter()
+        group = batches[st.batch: st.batch + cfg.grad_accum]
+        n_group = sum(len(i) for i in group)
+        loss_sum = _step(loop, group, n_group)
+        st.step += 1
+        st.batch += len(group)
+        st.samples += n_group
+        st.train_seconds += time.perf_counter() - t0
+        epoch_end = st.batch >= len(batches)
+        if epoch_end:
+            st.epoch, st.batch = st.epoch + 1, 0
+        loop.progress.update(1)
+        if st.step % cfg.log_every == 0 or st.step == loop.total_steps:
+            _log_train(loop, loss_sum, n_group, len(batches))
+        last = st.step == loop.total_steps
+        do_eval = loop.eval_fn is not None and (
+            last or (st.step % cfg.eval_every == 0 if cfg.eval_every > 0 else epoch_end))
+        stop = _evaluate(loop) if do_eval else False
+        if do_eval or (cfg.save_every > 0 and st.step % cfg.save_every == 0) or last or stop:
+            save_checkpoint(loop.ckpt_dir / f"step-{st.step:07d}", loop.model, loop.opt, loop.sched, st, dp=loop.dp)
+            if loop.dp.is_main:
+                _prune_checkpoints(loop.ckpt_dir, cfg.keep_checkpoints)
+        if stop or epoch_end:
+            return stop
+    return False
+
+
+def _step(loop: _Loop, group: list[list[int]], n_group: int) -> float:
+    """One optimizer step over the micro-batches of ``group``; returns this rank's summed loss."""
+    cfg, dp, st = loop.cfg, loop.dp, loop.state
+    loss_sum = 0.0
+    for j, idx in enumerate(group):
+        mine = dp.local(idx)  # this rank's slice of the global micro-batch (all of it alone)
+        with dp.sync(last=j == len(group) - 1):
+            # An empty slice still runs a forward/backward, at weight 0, so that every
+            # rank joins the gradient all-reduce.
+            batch = {k: v.to(dp.device, non_blocking=True) for k, v in collate(loop.data, mine or idx[:1]).items()}
+            with autocast_ctx(cfg.precision, dp.device):
+                loss = loop.loss_fn(loop.net, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {st.step + 1} (epoch {st.epoch}); "
+                    f"stopped. Last good checkpoint: {latest_checkpoint(loop.ckpt_dir) or 'none yet'}. "
+                    f"Try a lower train.lr or train.precision=fp32.")
+            # Weight each micro-batch by its size: the step's gradient is the mean over
+            # all examples of the group, whatever the split. DDP averages over ranks,
+            # hence the factor world (1 alone): uneven slices stay exact.
+            loop.scaler.scale(loss * (len(mine) * dp.world / n_group)).backward()
+        loss_sum += loss.item() * len(mine)
+    if cfg.max_grad_norm > 0:
+        loop.scaler.unscale_(loop.opt)
+        loop.grad_norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.max_grad_norm)
+    loop.scaler.step(loop.opt)
+    loop.scaler.update()
+    loop.method.on_step_end(loop.model, loop.method_cfg, st.step + 1)
+    loop.sched.step()
+    loop.opt.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def _log_train(loop: _Loop, loss_sum: float, n_group: int, n_batches: int) -> None:
+    """One ``train/*`` event: loss, learning rate, epoch, throughput (and the gradient norm)."""
+    st = loop.state
+    if loop.dp.distributed:
+        loss_sum = all_reduce_sum([loss_sum])[0]
+    values = {"train/loss": loss_sum / n_group, "train/lr": loop.sched.get_last_lr()[0],
+              "train/epoch": st.epoch + st.batch / n_batches,
+              "train/samples_per_s": st.samples / max(st.train_seconds, 1e-9)}
+    if loop.grad_norm is not None:  # every rank converts (a sharded norm may need a collective)
+        norm = loop.grad_norm
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(norm):  # fp16 overflow steps (skipped by the scaler) have none
+            values["train/grad_norm"] = norm
+    loop.log.write(st.step, values)
+    loop.progress.set_postfix(loss=f"{loss_sum / n_group:.4f}")
+
+
+def _evaluate(loop: _Loop) -> bool:
+    """Evaluate, keep the best weights, count evaluations without improvement; True: stop early."""
+    dp, st, metric = loop.dp, loop.state, loop.metric
+    # Every rank evaluates (FSDP needs all of them for each forward; no rank idles
+    # into a collective timeout); rank 0's numbers decide for all.
+    result = loop.eval_fn(loop.net if dp.kind == "fsdp" else loop.model)  # type: ignore[misc]
+    loop.model.train()
+    if dp.distributed:
+        result = broadcast_object(result)
+    loop.log.write(st.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+    value = loop.sign * float(result[metric])
+    if st.best is None or value > st.best:
+        st.best, st.best_step, st.bad_evals = value, st.step, 0
+        weights = dp.trainable_state() if dp.distributed else trainable_state(loop.model)
+        if dp.is_main:
+            with atomic_dir(loop.ckpt_dir / "best") as tmp:
+                save_file(weights, str(tmp / "trainable.safetensors"))
+                (tmp / "state.json").write_text(json.dumps({"step": st.step, metric: result[metric]}))
+        return False
+    st.bad_evals += 1
+    patience = loop.cfg.early_stopping_patience
+    if patience and st.bad_evals >= patience:
+        if dp.is_main:
+            print(f"[slimtune] early stopping at step {st.step}: no {metric} improvement "
+                  f"in {st.bad_evals} evaluations", file=sys.stderr)
+        return True
+    return False
+
+
+def _finish(loop: _Loop, stop: bool) -> dict[str, Any]:
+    """Close the log, load the best evaluated weights, undo the parallel wrapper; the summary."""
+    dp, st, cfg = loop.dp, loop.state, loop.cfg
+    loop.progress.close()
+    loop.log.close()
     barrier()
-    best_path = ckpt_dir / "best" / "trainable.safetensors"
+    best_path = loop.ckpt_dir / "best" / "trainable.safetensors"
     if best_path.is_file():  # finish on the best evaluated weights
         if dp.distributed:
             dp.load_trainable_state(load_file(str(best_path)))
         else:
-            load_trainable_state(model, load_file(str(best_path)))
+            load_trainable_state(loop.model, load_file(str(best_path)))
     dp.finish()
-    return {"steps": state.step, "epochs": state.epoch + state.batch / max(1, num_batches(len(data), cfg.batch_size)),
-            "best_step": state.best_step,
-            f"best_{metric}": None if state.best is None else sign * state.best,
-            "train_seconds": state.train_seconds, "samples": state.samples,
-            "samples_per_s": state.samples / max(state.train_seconds, 1e-9),
+    resumed = loop.resumed
+    return {"steps": st.step, "epochs": st.epoch + st.batch / max(1, num_batches(len(loop.data), cfg.batch_size)),
+            "best_step": st.best_step,
+            f"best_{loop.metric}": None if st.best is None else loop.sign * st.best,
+            "train_seconds": st.train_seconds, "samples": st.samples,
+            "samples_per_s": st.samples / max(st.train_seconds, 1e-9),
             "stopped_early": stop, "peak_rss_mb": peak_rss_mb(),
+            "precision": resolve_precision(cfg.precision, dp.device),
             "resumed_from_step": int(resumed.name.split("-")[1]) if resumed is not None else None,
             **({"world_size": dp.world, "parallel": dp.kind,
                 "grad_sync_mb": dp.synced_bytes / 1e6} if dp.distributed else {})}

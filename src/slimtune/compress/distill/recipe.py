@@ -4,9 +4,9 @@ Distillation is fine-tuning with another loss: ``run_distill`` builds the studen
 layers, a narrower fresh model, or a given folder), freezes the teacher, and calls
 :func:`slimtune.train.loop.train` with a :class:`DistillLoss`. Pieces live one concept per file:
 
-- ``distill_student.py``: student construction (layer map, narrow init);
-- ``distill_losses.py``: logit KD (forward/reverse KL, T²), hidden-state MSE, attention KL;
-- ``distill_cache.py``: teacher logits cached on disk (safetensors), keyed by content hashes.
+- ``compress/distill/student.py``: student construction (layer map, narrow init);
+- ``compress/distill/losses.py``: logit KD (forward/reverse KL, T²), hidden-state MSE, attention KL;
+- ``compress/distill/cache.py``: teacher logits cached on disk (safetensors), keyed by content hashes.
 
 The recipe is the fine-tune recipe (``model.name`` is the *teacher*) plus a ``distill`` section
 (:class:`DistillConfig`); both are saved as ``recipe.yaml`` beside the student.
@@ -18,11 +18,13 @@ import dataclasses
 import random
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig
 
 from slimtune.compress.distill.cache import hash_files, hash_state, teacher_cache
 from slimtune.compress.distill.losses import (
@@ -33,7 +35,7 @@ from slimtune.compress.distill.losses import (
     uniform_hidden_map,
 )
 from slimtune.compress.distill.settings import DistillConfig
-from slimtune.compress.distill.student import build_student
+from slimtune.compress.distill.student import build_student, check_student_spec
 from slimtune.config.fields import RecipeError
 from slimtune.data.datasets import (
     ClassificationData,
@@ -241,168 +243,249 @@ def _same_vocab(a: Any, b: Any) -> bool:
     return a is b or a.get_vocab() == b.get_vocab()
 
 
+def _config_label_names(config: Any) -> list[str]:
+    id2label = {int(k): v for k, v in config.id2label.items()}
+    return [id2label[i] for i in range(len(id2label))]
+
+
+def check_teacher_classes(names: list[str], labels: list[str] | None) -> None:
+    """The teacher (class ``names`` from its config) must have been fine-tuned on the data's labels."""
+    if labels is None:
+        return
+    generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+    if len(names) != len(labels) or (not generic and names != labels):
+        raise RecipeError(f"model.name: the teacher's classes {names} differ from the data's labels {labels}; "
+                          f"distil from a teacher fine-tuned on this task")
+
+
+def teacher_cache_policy(dcfg: DistillConfig, causal: bool, same_vocab: bool) -> tuple[bool, bool]:
+    """(needs the teacher, uses the logit cache); refuses what cross-tokenizer KD cannot do.
+
+    A student with another vocabulary sees other token ids: only classifier logits, looked up
+    in the teacher's cache by example, carry over.
+    """
+    need_teacher = dcfg.alpha < 1.0 or dcfg.intermediate
+    use_cache = dcfg.teacher_cache == "on" or (dcfg.teacher_cache == "auto" and not causal)
+    use_cache = use_cache and not dcfg.intermediate
+    if not same_vocab:
+        if causal or dcfg.intermediate:
+            raise RecipeError("distill.student: its tokenizer differs from the teacher's; cross-tokenizer "
+                              "distillation works only for classifier logits without intermediate KD")
+        if not use_cache and need_teacher:
+            raise RecipeError("distill.teacher_cache: cross-tokenizer distillation needs the teacher cache (on/auto)")
+    return need_teacher, use_cache
+
+
+def check_distill_inputs(recipe: Any, dcfg: DistillConfig, labels: list[str] | None) -> None:
+    """What :func:`run_distill` checks once weights are loaded, from configs and tokenizers only.
+
+    The teacher's classes against the data's ``labels``, the student's layers (count, map,
+    width) against the teacher's config, and a student tokenizer other than the teacher's.
+    ``slimtune validate`` calls it, so a recipe it accepts does not fail after loading.
+    """
+    m = recipe.model
+    tc = AutoConfig.from_pretrained(resolve(m.name), trust_remote_code=m.trust_remote_code)
+    if m.task == "classification":
+        check_teacher_classes(_config_label_names(tc), labels)
+    if dcfg.student is None:
+        check_student_spec(tc, layers=dcfg.student_layers, layer_map=dcfg.student_layer_map,
+                           hidden_size=dcfg.student_hidden_size)
+        return
+    same = _same_vocab(load_tokenizer(dcfg.student, m.trust_remote_code), load_tokenizer(m.name, m.trust_remote_code))
+    teacher_cache_policy(dcfg, m.task == "causal-lm", same)
+
+
+@dataclass
+class _Distill:
+    """What the steps of one :func:`run_distill` share."""
+
+    recipe: Any
+    dcfg: DistillConfig
+    out: Path
+    device: Any
+    teacher_path: str
+    causal: bool
+    t_tok: Any = None
+    t_train: Any = None
+    t_eval: Any = None
+    labels: list[str] | None = None
+    s_tok: Any = None
+    s_train: Any = None
+    s_eval: Any = None
+    transfer: dict[str, int] | None = None
+    teacher: Any = None
+    student: Any = None
+    kept: list[int] | None = None
+    cache: Any = None  # the teacher-logit cache of the training data (None: live teacher)
+
+
 def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any]:
     """Distil ``recipe.model.name`` (the teacher) into a student; write it and ``metrics.json``.
 
     ``dcfg`` defaults to the recipe's ``distill`` section. The recipe, with ``dcfg`` as its
     ``distill`` section, is saved as ``recipe.yaml``: ``slimtune distill --config`` repeats the run.
+    Data, teacher and student are loaded and checked before anything is written.
 
     Returns the metrics: student accuracy/macro-F1 (or perplexity), teacher's, retention,
     parameter counts and sizes, the layer map, the cache status and the training summary.
     """
-
     if dcfg is None:
         if recipe.distill is None:
             raise RecipeError("distill: the recipe has no distill section (say how to build the student)")
         dcfg = recipe.distill
     t, m = recipe.train, recipe.model
-    causal = m.task == "causal-lm"
-    out = Path(recipe.output or "outputs/distill")
-    out.mkdir(parents=True, exist_ok=True)
-    dataclasses.replace(recipe, distill=dcfg).save(out / "recipe.yaml")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)
-
     distributed.init_distributed()  # under torchrun: join the group, pick this rank's GPU
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher_path = resolve(m.name)
+    run = _Distill(recipe=recipe, dcfg=dcfg, out=Path(recipe.output or "outputs/distill"),
+                   device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                   teacher_path=resolve(m.name), causal=m.task == "causal-lm")
+    _setup_data(run)
+    _setup_teacher(run)
+    _setup_student(run)
+    need_teacher, use_cache = teacher_cache_policy(dcfg, run.causal, run.s_train is run.t_train)
+    result = _setup_cache_and_teacher_quality(run, need_teacher, use_cache)
+    if not need_teacher:
+        run.teacher = None  # the no-KD baseline: free the teacher's memory before training
+    return _train_and_export(run, result)
 
-    # --- data: the teacher's tokenization, and the student's if its vocabulary differs
-    t_tok = load_tokenizer(m.name, m.trust_remote_code)
-    t_train, t_eval, labels = prepare_data(recipe, t_tok)
-    s_tok, s_train, s_eval = t_tok, t_train, t_eval
+
+def _setup_data(run: _Distill) -> None:
+    """The teacher's tokenization of the data, the student's if its vocabulary differs, the transfer set."""
+    recipe, dcfg, m = run.recipe, run.dcfg, run.recipe.model
+    run.t_tok = load_tokenizer(m.name, m.trust_remote_code)
+    run.t_train, run.t_eval, run.labels = prepare_data(recipe, run.t_tok)
+    run.s_tok, run.s_train, run.s_eval = run.t_tok, run.t_train, run.t_eval
     if dcfg.student is not None:
         s_tok = load_tokenizer(dcfg.student, m.trust_remote_code)
-        if not _same_vocab(s_tok, t_tok):
-            if causal or dcfg.intermediate:
-                raise RecipeError("distill.student: its tokenizer differs from the teacher's; cross-tokenizer "
-                                  "distillation works only for classifier logits without intermediate KD")
-            s_train, s_eval, _ = prepare_data(recipe, s_tok)
-
-    transfer = None
+        if not _same_vocab(s_tok, run.t_tok):
+            teacher_cache_policy(dcfg, run.causal, same_vocab=False)  # refuses what cannot work, early
+            run.s_tok = s_tok
+            run.s_train, run.s_eval, _ = prepare_data(recipe, s_tok)
     if dcfg.unlabeled:
-        n_labelled = len(t_train)
-        distinct = [(t_train, t_tok)] + ([(s_train, s_tok)] if s_train is not t_train else [])
-        transfer = add_transfer_set(recipe, dcfg, distinct)
-        print(f"[slimtune] transfer set: {transfer['added']:,} unlabelled rows added to {n_labelled:,} labelled "
-              f"({transfer['duplicates']:,} duplicates of labelled or earlier rows dropped)", file=sys.stderr)
+        n_labelled = len(run.t_train)
+        distinct = [(run.t_train, run.t_tok)] + ([(run.s_train, run.s_tok)] if run.s_train is not run.t_train else [])
+        run.transfer = add_transfer_set(recipe, dcfg, distinct)
+        print(f"[slimtune] transfer set: {run.transfer['added']:,} unlabelled rows added to {n_labelled:,} labelled "
+              f"({run.transfer['duplicates']:,} duplicates of labelled or earlier rows dropped)", file=sys.stderr)
 
-    # --- teacher: frozen, eval mode, optionally bf16
-    teacher = load_model(m.name, m.task, dtype="float32", trust_remote_code=m.trust_remote_code,
-                         pad_token_id=t_train.pad_id)
-    if labels is not None:
-        names = label_names_of(teacher)
-        generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
-        if len(names) != len(labels) or (not generic and names != labels):
-            raise RecipeError(f"model.name: the teacher's classes {names} differ from the data's labels {labels}; "
-                              f"distil from a teacher fine-tuned on this task")
-    if dcfg.attention_weight > 0 and dcfg.intermediate:
-        teacher.set_attn_implementation("eager")  # SDPA kernels do not return attention maps
 
-    # --- student
-    kept: list[int] | None = None
+def _setup_teacher(run: _Distill) -> None:
+    """Load the teacher (float32 for now) and check its classes against the data's labels."""
+    m = run.recipe.model
+    run.teacher = load_model(m.name, m.task, dtype="float32", trust_remote_code=m.trust_remote_code,
+                             pad_token_id=run.t_train.pad_id)
+    if run.labels is not None:
+        check_teacher_classes(label_names_of(run.teacher), run.labels)
+    if run.dcfg.attention_weight > 0 and run.dcfg.intermediate:
+        run.teacher.set_attn_implementation("eager")  # SDPA kernels do not return attention maps
+
+
+def _setup_student(run: _Distill) -> None:
+    """Load or build the student; freeze the teacher (eval mode, optionally bf16); place both."""
+    dcfg, m, teacher = run.dcfg, run.recipe.model, run.teacher
     if dcfg.student is not None:
-        student = load_model(dcfg.student, m.task, label_names=labels, dtype=m.dtype,
-                             trust_remote_code=m.trust_remote_code, pad_token_id=s_train.pad_id)
+        run.student = load_model(dcfg.student, m.task, label_names=run.labels, dtype=m.dtype,
+                                 trust_remote_code=m.trust_remote_code, pad_token_id=run.s_train.pad_id)
     else:
-        student, kept = build_student(teacher, layers=dcfg.student_layers, layer_map=dcfg.student_layer_map,
-                                      hidden_size=dcfg.student_hidden_size)
+        run.student, run.kept = build_student(teacher, layers=dcfg.student_layers, layer_map=dcfg.student_layer_map,
+                                              hidden_size=dcfg.student_hidden_size)
     if dcfg.attention_weight > 0 and dcfg.intermediate:
-        student.set_attn_implementation("eager")
+        run.student.set_attn_implementation("eager")
     teacher.requires_grad_(False)
     teacher.eval()
     if dcfg.teacher_dtype == "bfloat16":
         teacher.to(torch.bfloat16)
-    teacher.to(device)
-    student.to(device)
+    teacher.to(run.device)
+    run.student.to(run.device)
 
-    # --- teacher cache (classifier logits by default; LM logits only when asked: they are big)
-    need_teacher = dcfg.alpha < 1.0 or dcfg.intermediate
-    use_cache = dcfg.teacher_cache == "on" or (dcfg.teacher_cache == "auto" and not causal)
-    use_cache = use_cache and not dcfg.intermediate
-    if s_train is not t_train and not use_cache and need_teacher:
-        raise RecipeError("distill.teacher_cache: cross-tokenizer distillation needs the teacher cache (on/auto)")
+
+def _setup_cache_and_teacher_quality(run: _Distill, need_teacher: bool, use_cache: bool) -> dict[str, Any]:
+    """Fill or read the teacher-logit cache; the teacher's quality on the eval data; the result so far.
+
+    Classifier logits are cached by default, LM logits only when asked (they are big); the
+    eval logits are cached too, so the teacher's accuracy is computed once per teacher + data.
+    """
+    dcfg, m, t, teacher = run.dcfg, run.recipe.model, run.recipe.train, run.teacher
     root = Path(dcfg.cache_dir) if dcfg.cache_dir else cache_dir() / "distill"
-    t_hash = hash_files(teacher_path) if Path(teacher_path).is_dir() else hash_state(teacher)
+    t_hash = hash_files(run.teacher_path) if Path(run.teacher_path).is_dir() else hash_state(teacher)
     settings = {"teacher_dtype": dcfg.teacher_dtype, "task": m.task}
-    train_cache = None
     if use_cache and need_teacher:
         with distributed.main_first():  # rank 0 fills the cache, the other ranks then read it
-            train_cache = teacher_cache(teacher, teacher_path, t_train, root, settings=settings,
-                                        batch_size=t.eval_batch_size, teacher_hash=t_hash)
+            run.cache = teacher_cache(teacher, run.teacher_path, run.t_train, root, settings=settings,
+                                      batch_size=t.eval_batch_size, teacher_hash=t_hash)
         if distributed.is_main():
-            print(f"[slimtune] teacher logits cache {train_cache.status}: {train_cache.path}", file=sys.stderr)
-        s_train.example_ids = True  # collate adds example_ids; DistillLoss looks rows up by them
-
-    # --- teacher quality on the eval data (cached for classifiers: computed once per teacher+data)
-    result: dict[str, Any] = {"task": m.task, "method": recipe.method_name, "teacher": m.name,
-                              "teacher_params": count_params(teacher), "student_layer_map": kept,
+            print(f"[slimtune] teacher logits cache {run.cache.status}: {run.cache.path}", file=sys.stderr)
+        run.s_train.example_ids = True  # collate adds example_ids; DistillLoss looks rows up by them
+    result: dict[str, Any] = {"task": m.task, "method": run.recipe.method_name, "teacher": m.name,
+                              "teacher_params": count_params(teacher), "student_layer_map": run.kept,
                               "alpha": dcfg.alpha, "temperature": dcfg.temperature, "kl_direction": dcfg.kl_direction,
                               "logit_loss": dcfg.logit_loss,
                               "intermediate": dcfg.intermediate,
-                              "teacher_cache": train_cache.status if train_cache else "off"}
-    if transfer is not None:
-        result["transfer_set"] = transfer
-    if Path(teacher_path).is_dir():
-        result["teacher_size_mb"] = weights_size_mb(teacher_path)
-    if t_eval is not None:
-        if causal:
-            tm = evaluate_any(teacher, t_eval, m.task, labels, t.eval_batch_size)
-            result["teacher_perplexity"] = tm["perplexity"]
-            result["perplexity_before"] = evaluate_any(student, s_eval, m.task, labels, t.eval_batch_size)["perplexity"]
-        else:
-            if dcfg.teacher_cache != "off":
-                with distributed.main_first():
-                    ev_logits = teacher_cache(teacher, teacher_path, t_eval, root, settings=settings,
-                                              batch_size=t.eval_batch_size, teacher_hash=t_hash).all()
-                tm = classification_metrics(ev_logits.argmax(-1).tolist(), t_eval.labels, labels)
-            else:
-                tm = evaluate_any(teacher, t_eval, m.task, labels, t.eval_batch_size)
-            result.update(teacher_accuracy=tm["accuracy"], teacher_macro_f1=tm["macro_f1"])
-    if not need_teacher:
-        teacher = None  # the no-KD baseline: free the teacher's memory before training
+                              "teacher_cache": run.cache.status if run.cache else "off"}
+    if run.transfer is not None:
+        result["transfer_set"] = run.transfer
+    if Path(run.teacher_path).is_dir():
+        result["teacher_size_mb"] = weights_size_mb(run.teacher_path)
+    if run.t_eval is None:
+        return result
+    if run.causal:
+        tm = evaluate_any(teacher, run.t_eval, m.task, run.labels, t.eval_batch_size)
+        result["teacher_perplexity"] = tm["perplexity"]
+        result["perplexity_before"] = evaluate_any(run.student, run.s_eval, m.task, run.labels,
+                                                   t.eval_batch_size)["perplexity"]
+        return result
+    if dcfg.teacher_cache != "off":
+        with distributed.main_first():
+            ev_logits = teacher_cache(teacher, run.teacher_path, run.t_eval, root, settings=settings,
+                                      batch_size=t.eval_batch_size, teacher_hash=t_hash).all()
+        tm = classification_metrics(ev_logits.argmax(-1).tolist(), run.t_eval.labels, run.labels)
+    else:
+        tm = evaluate_any(teacher, run.t_eval, m.task, run.labels, t.eval_batch_size)
+    result.update(teacher_accuracy=tm["accuracy"], teacher_macro_f1=tm["macro_f1"])
+    return result
 
-    # --- the one training loop, with the distillation loss
-    total_steps = plan_steps(len(s_train), t)
+
+def _train_and_export(run: _Distill, result: dict[str, Any]) -> dict[str, Any]:
+    """The one training loop with the distillation loss, then export and evaluate (rank 0)."""
+    recipe, dcfg, t, m = run.recipe, run.dcfg, run.recipe.train, run.recipe.model
+    total_steps = plan_steps(len(run.s_train), t)
     method = get_method(recipe.method_name)
-    ctx = MethodContext(task=m.task, total_steps=total_steps, base_model=str(dcfg.student or teacher_path))
-    student = method.apply(student, recipe.method, ctx)
+    ctx = MethodContext(task=m.task, total_steps=total_steps, base_model=str(dcfg.student or run.teacher_path))
+    student = method.apply(run.student, recipe.method, ctx)
     hidden_map = layer_map = None
     if dcfg.intermediate:
-        n_s, n_t = int(student.config.num_hidden_layers), int(teacher.config.num_hidden_layers)
-        hidden_map, layer_map = intermediate_maps(n_s, n_t, kept)
-        attach_projection(student, int(student.config.hidden_size), int(teacher.config.hidden_size))
-    loss_fn = DistillLoss(teacher, dcfg, causal, train_cache, hidden_map, layer_map, unlabeled_rows=transfer is not None)
-    metric = t.metric if t.metric != "auto" else ("loss" if causal else "accuracy")
+        n_s, n_t = int(student.config.num_hidden_layers), int(run.teacher.config.num_hidden_layers)
+        hidden_map, layer_map = intermediate_maps(n_s, n_t, run.kept)
+        attach_projection(student, int(student.config.hidden_size), int(run.teacher.config.hidden_size))
+    loss_fn = DistillLoss(run.teacher, dcfg, run.causal, run.cache, hidden_map, layer_map,
+                          unlabeled_rows=run.transfer is not None)
+    metric = t.metric if t.metric != "auto" else ("loss" if run.causal else "accuracy")
+    s_eval, labels = run.s_eval, run.labels
     eval_fn = None
     if s_eval is not None:
         def eval_fn(mdl: Any) -> dict[str, Any]:
             return evaluate_any(mdl, s_eval, m.task, labels, t.eval_batch_size)
     params_trained = count_params(student, trainable_only=True)
-    summary = train(student, method, recipe.method, s_train, t, out, total_steps=total_steps,
+    run.out.mkdir(parents=True, exist_ok=True)  # all is checked and loaded: the run writes from here
+    if distributed.is_main():
+        dataclasses.replace(recipe, distill=dcfg).save(run.out / "recipe.yaml")
+    summary = train(student, method, recipe.method, run.s_train, t, run.out, total_steps=total_steps,
                     eval_fn=eval_fn, metric=metric, loss_fn=loss_fn, group_by_length=recipe.data.group_by_length)
     if not distributed.is_main():
         return {"rank": distributed.rank(), "train": summary}  # rank 0 exports and evaluates
     detach_projection(student)
-
-    # --- export: plain transformers folder (temp folder, then move into place)
-    final = export_model(method, student, recipe.method, ctx, s_tok, out)
+    # export: a plain transformers folder (temp folder, then moved into place)
+    final = export_model(method, student, recipe.method, ctx, run.s_tok, run.out)
     if s_eval is not None:
         result.update(evaluate_any(final, s_eval, m.task, labels, t.eval_batch_size))
         result["eval_file"] = recipe.data.eval or f"{recipe.data.train} (held-out {recipe.data.eval_fraction:.0%})"
         if "teacher_accuracy" in result:
             result["retention"] = result["accuracy"] / max(result["teacher_accuracy"], 1e-12)
-    result.update(params=count_params(final), trainable_params=params_trained, size_mb=weights_size_mb(out),
+    result.update(params=count_params(final), trainable_params=params_trained, size_mb=weights_size_mb(run.out),
                   student_layers=int(final.config.num_hidden_layers), peak_rss_mb=peak_rss_mb(), train=summary)
     result["compression"] = result["teacher_params"] / max(result["params"], 1)
-    update_json(out / "metrics.json", result)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    update_json(run.out / "metrics.json", result)
+    shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-

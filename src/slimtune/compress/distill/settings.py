@@ -47,7 +47,7 @@ class DistillConfig:
             raise RecipeError("distill: say how to build the student (--student-layers N, --student-layer-map 0,2,5 "
                               "or --student DIR)")
         if self.student is not None:
-            from slimtune.models.loading import ALIASES, ModelError, check_exists  # loads torch: config stays lean
+            from slimtune.models.loading import ALIASES, ModelError, check_exists  # torch: lazy
 
             if self.student not in ALIASES and not Path(self.student).is_dir():
                 raise RecipeError(f"distill.student: not a model folder or alias ({', '.join(ALIASES)}): "

@@ -110,9 +110,7 @@ def narrow_student(teacher: torch.nn.Module, n_layers: int, hidden_size: int) ->
     tc = teacher.config
     d_t = int(tc.hidden_size)
     heads = int(tc.num_attention_heads)
-    head_dim = int(getattr(tc, "head_dim", None) or d_t // heads)
-    if hidden_size % head_dim:
-        raise ModelError(f"student hidden size {hidden_size} must be a multiple of the head size {head_dim}")
+    head_dim = _head_dim(tc, hidden_size)
     cfg = copy.deepcopy(tc)
     new_heads = hidden_size // head_dim
     cfg.hidden_size = hidden_size
@@ -130,6 +128,37 @@ def narrow_student(teacher: torch.nn.Module, n_layers: int, hidden_size: int) ->
     _slice_per_layer_fields(cfg, keep, n_teacher)
     dtype = next(teacher.parameters()).dtype
     return type(teacher)(cfg).to(dtype)
+
+
+def _head_dim(tc: Any, hidden_size: int) -> int:
+    """The teacher's head size, which a narrow student of width ``hidden_size`` keeps."""
+    head_dim = int(getattr(tc, "head_dim", None) or int(tc.hidden_size) // int(tc.num_attention_heads))
+    if hidden_size % head_dim:
+        raise ModelError(f"student hidden size {hidden_size} must be a multiple of the head size {head_dim}")
+    return head_dim
+
+
+def check_student_spec(tc: Any, *, layers: int | None = None, layer_map: Sequence[int] | str | None = None,
+                       hidden_size: int | None = None) -> None:
+    """Raise the ModelError :func:`build_student` would, from the teacher's config ``tc`` alone.
+
+    ``slimtune validate`` calls it: the layer count, the layer map and the width are checked
+    against the teacher without loading its weights.
+    """
+    n_teacher = int(tc.num_hidden_layers)
+    if hidden_size is not None and hidden_size != int(tc.hidden_size):
+        n = layers or (len(parse_layer_map(layer_map, n_teacher)) if layer_map else n_teacher)
+        _head_dim(tc, hidden_size)
+        uniform_layer_map(n_teacher, n)
+        return
+    if layer_map:
+        keep = parse_layer_map(layer_map, n_teacher)
+        if layers is not None and layers != len(keep):
+            raise ModelError(f"--student-layers {layers} disagrees with the layer map {keep}")
+    elif layers is not None:
+        uniform_layer_map(n_teacher, layers)
+    else:
+        raise ModelError("say how to build the student: student layers, a layer map, or a student model folder")
 
 
 def build_student(teacher: torch.nn.Module, *, layers: int | None = None,

@@ -14,10 +14,10 @@ Steps, each optional, in this order:
 
 The output folder holds ``config.json`` + ``model.safetensors`` + tokenizer (plain transformers
 loads them), ``metrics.json`` (accuracy on ``--eval``, params, size, what was pruned),
-``prune.json`` (the settings), ``recipe.yaml`` (the recovery run, if any) and, for unstructured
-sparsity, ``sparsity.json`` and possibly ``sparse/model.safetensors``.
-
-Top-level imports are stdlib only (the CLI is built without importing torch).
+``prune.yaml`` (the resolved settings: ``slimtune prune --config OUT/prune.yaml`` repeats the run;
+``prune.json`` holds the same), ``recipe.yaml`` (the recovery run, if any) and, for unstructured
+sparsity, ``sparsity.json`` and possibly ``sparse/model.safetensors``. The folder is written in
+one atomic step after every setting was validated.
 """
 
 from __future__ import annotations
@@ -28,90 +28,115 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from slimtune.compress.distill.losses import kd_loss
+from slimtune.compress.inputs import check_classifier_model, check_file
 from slimtune.compress.prune.structured import HEADS_UNSUPPORTED, prune_structured
 from slimtune.compress.prune.vocab import prune_vocabulary, read_corpus_texts
-from slimtune.config.fields import RecipeError
+from slimtune.config.fields import RecipeError, check_ranges, save_settings, setting
 from slimtune.config.recipe import DataConfig, ModelConfig, Recipe, TrainConfig
 from slimtune.data.datasets import load_classification, tokenize_classification
 from slimtune.evaluate.evaluator import evaluate_classifier
-from slimtune.io import atomic_write_json, update_json, weights_size_mb
+from slimtune.io import atomic_dir, atomic_write_json, weights_size_mb
 from slimtune.methods import MethodContext, get_method
+from slimtune.methods.magnitude import parse_pattern
 from slimtune.models.loading import count_params, label_names_of, load_model, load_tokenizer
 from slimtune.train.finetune import seed_everything
 from slimtune.train.loop import default_loss, train
 
+SETTINGS_FILE = "prune.yaml"  # the resolved settings, beside the artifacts; `--config` reads it back
+
 
 @dataclass
 class PruneSettings:
-    """Everything ``slimtune prune`` does; saved as ``prune.json`` beside the output."""
+    """Everything ``slimtune prune`` does; saved as ``prune.yaml`` (and ``prune.json``) beside the output.
 
-    model: str
-    output: str
-    train: str | None = None
-    eval: str | None = None
-    sparsity: float = 0.0
-    pattern: str = "unstructured"
-    scope: str = "global"
-    schedule: str = "gradual"
-    heads: float = 0.0
-    ffn: float = 0.0
-    layers: int = 0
-    importance: str = "taylor"
-    importance_batches: int = 8
-    vocab_from: list[str] = field(default_factory=list)
-    vocab_min_count: int = 1
-    vocab_keep_chars: bool = True
-    recover_steps: int = 0
-    kd: bool = False
-    kd_temperature: float = 2.0
-    kd_alpha: float = 0.5
-    lr: float = 1e-4
-    batch_size: int = 32
-    max_length: int = 128
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    seed: int = 42
-    num_threads: int = 0
-    sparse_sidecar: str = "auto"
+    The same dataclass is the ``prune:`` section of a ``slimtune run`` recipe: the pipeline fills
+    ``model``/``output`` itself, and ``train``/``eval``/``max_length``/``max_train_samples``/
+    ``max_eval_samples``/``seed`` from the shared sections when the section does not set them.
+    """
 
-    def validate(self) -> None:
-        """Check ranges and files before any weight is loaded (errors name the flag)."""
+    PIPELINE_FILLS: ClassVar[tuple[str, ...]] = ("model", "output")  # slimtune run sets these
 
-        if not 0 <= self.sparsity < 1:
-            raise RecipeError(f"--sparsity: must be in [0, 1), got {self.sparsity}")
-        for name in ("heads", "ffn"):
-            if not 0 <= getattr(self, name) < 1:
-                raise RecipeError(f"--{name}: the fraction to remove must be in [0, 1), got {getattr(self, name)}")
+    model: str | None = setting(None, "Fine-tuned classifier folder, or the packaged alias minilm / minilm-l3; required (the pipeline fills in the previous stage's folder).")
+    output: str | None = setting(None, "Output folder, replaced atomically when complete; required (the pipeline fills in the stage folder).")
+    train: str | None = setting(None, "Training file: recovery fine-tuning, taylor importance and layer choice (pipeline: data.train).")
+    eval: str | None = setting(None, "Labelled file for the accuracy in metrics.json (pipeline: data.eval).")
+    sparsity: float = setting(0.0, "Unstructured magnitude sparsity of the block weights (0.5 = half zeros; zeros do not shrink model.safetensors).", ge=0, lt=1)
+    pattern: str = setting("unstructured", "'unstructured' or N:M such as 2:4 (GPU sparse tensor cores only).")
+    scope: Literal["global", "layer"] = setting("global", "One magnitude threshold for all layers, or the same sparsity per layer.")
+    schedule: Literal["gradual", "oneshot"] = setting("gradual", "Cubic schedule over the recovery steps, or all at once.")
+    heads: float = setting(0.0, "Refused with the reason: plain transformers cannot reload fewer heads per BERT layer (use --layers).", ge=0, lt=1)
+    ffn: float = setting(0.0, "Fraction of FFN neurons removed in every layer.", ge=0, lt=1)
+    layers: int = setting(0, "Number of whole transformer layers to remove (chosen greedily by logit change).", ge=0)
+    importance: Literal["taylor", "magnitude"] = setting("taylor", "How FFN neurons are ranked.")
+    importance_batches: int = setting(8, "Training batches for taylor importance and the layer choice.", ge=1)
+    vocab: bool = setting(False, "Keep only the tokens --train uses (the same as adding --train to --vocab-from).")
+    vocab_from: list[str] = setting([], "Keep only the tokens used in these files (+ specials).", metavar="FILE")
+    vocab_min_count: int = setting(1, "Drop tokens seen fewer times (1 keeps corpus tokenization identical).", ge=1)
+    vocab_keep_chars: bool = setting(True, "Keep single ASCII characters for unseen words (--no-vocab-chars drops them).", flag="--vocab-chars")
+    recover_steps: int = setting(0, "Recovery fine-tuning steps after pruning.", ge=0)
+    kd: bool = setting(False, "Distil from the unpruned model during recovery (logit KL).")
+    kd_temperature: float = setting(2.0, "Softmax temperature of the KD term.", gt=0)
+    kd_alpha: float = setting(0.5, "Weight of the KD term (1 - alpha on cross-entropy).", ge=0, le=1)
+    lr: float = setting(1e-4, "Recovery learning rate.", gt=0)
+    batch_size: int = setting(32, "Recovery (and importance) batch size.", ge=1)
+    max_length: int = setting(128, "Tokens per example.", ge=1)
+    max_train_samples: int | None = setting(None, "Use N rows of --train only.", ge=1)
+    max_eval_samples: int | None = setting(None, "Evaluate on N rows of --eval only.", ge=1)
+    seed: int = setting(42, "Random seed.")
+    num_threads: int = setting(0, "torch intra-op threads (0: torch's default).", ge=0)
+    sparse_sidecar: Literal["auto", "on", "off"] = setting("auto", "Bitmask copy of sparse weights under sparse/ (auto: only when smaller).")
+
+    def vocab_files(self) -> list[str]:
+        """The corpus files whose tokens are kept: ``vocab_from``, plus ``train`` with ``vocab``."""
+        extra = [self.train] if self.vocab and self.train and self.train not in self.vocab_from else []
+        return [*self.vocab_from, *extra]
+
+    def validate(self, *, check_model: bool = True) -> None:
+        """Check ranges, combinations, files and the model before any weight is loaded (errors name the flag).
+
+        Args:
+            check_model: Also require ``model``/``output`` and check the model (the pipeline
+                validates its recipe before the previous stage's folder exists).
+        """
+        check_ranges(self, "--")
+        if check_model:
+            self._check_model_and_output()
         if self.heads:
-
             raise RecipeError(f"--heads: {HEADS_UNSUPPORTED}")
-        if self.layers < 0:
-            raise RecipeError(f"--layers: must be >= 0, got {self.layers}")
-        if self.importance not in ("magnitude", "taylor"):
-            raise RecipeError(f"--importance: {self.importance!r} is not one of ['magnitude', 'taylor']")
-        if self.recover_steps < 0:
-            raise RecipeError(f"--recover-steps: must be >= 0, got {self.recover_steps}")
-        if self.vocab_min_count < 1:
-            raise RecipeError(f"--vocab-min-count: must be >= 1, got {self.vocab_min_count}")
+        try:
+            parse_pattern(self.pattern)
+        except RecipeError as e:
+            raise RecipeError(str(e).replace("method.pattern", "--pattern")) from None
+        if self.vocab and not self.train:
+            raise RecipeError("--vocab keeps the tokens of --train: give --train FILE (or --vocab-from FILE)")
         needs_train = self.recover_steps > 0 or self.layers or (self.ffn and self.importance == "taylor")
         if needs_train and not self.train:
             raise RecipeError("--train is required for recovery training and taylor importance")
-        if not (self.sparsity or self.layers or self.ffn or self.vocab_from or self.pattern != "unstructured"):
-            raise RecipeError("nothing to prune: give --sparsity, --pattern, --layers, --ffn or --vocab-from")
+        if not (self.sparsity or self.layers or self.ffn or self.vocab_files() or self.pattern != "unstructured"):
+            raise RecipeError("nothing to prune: give --sparsity, --pattern, --layers, --ffn, --vocab or --vocab-from")
         if self.kd and self.recover_steps == 0:
             raise RecipeError("--kd distils during recovery training: also give --recover-steps N")
         for flag, path in (("--train", self.train), ("--eval", self.eval), *(("--vocab-from", v) for v in self.vocab_from)):
-            if path is not None and not Path(path).is_file():
-                raise RecipeError(f"{flag}: file not found: {path}")
-        if not Path(self.model).exists() and self.model not in ("minilm",):
-            raise RecipeError(f"--model: no such model folder: {self.model}")
+            check_file(flag, path)
+
+    def _check_model_and_output(self) -> None:
+        if not self.model:
+            raise RecipeError("--model: is required (the classifier folder or alias to prune)")
+        if not self.output:
+            raise RecipeError("--output: is required (the folder to write)")
+        check_classifier_model(self.model, "prune")
+        out = Path(self.output)
+        if out.exists() and not out.is_dir():
+            raise RecipeError(f"--output {out}: exists and is not a folder")
+        if Path(self.model).exists() and out.resolve() == Path(self.model).resolve():
+            raise RecipeError("--output must differ from --model (the unpruned model is read while the output is written)")
 
 
 def kd_loss_fn(teacher: Any, new_to_old: Any = None, temperature: float = 2.0, alpha: float = 0.5) -> Any:
@@ -151,59 +176,96 @@ def run_prune(s: PruneSettings, log: Any = None) -> dict[str, Any]:
     return prune_to_dir(s, log)[2]
 
 
-def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str, Any]]:
-    """:func:`run_prune`, also returning the in-memory pruned ``(model, tokenizer, metrics)``."""
+@dataclass
+class _State:
+    """What the pruning steps hand on: the model being pruned and what it is measured with."""
 
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    teacher: Any
+    result: dict[str, Any]
+    new_to_old: Any = None
+    train_data: Any = None
+
+
+def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """:func:`run_prune`, also returning the in-memory pruned ``(model, tokenizer, metrics)``.
+
+    Everything is validated first; the output folder (weights, tokenizer, ``metrics.json``,
+    ``prune.yaml`` = ``s``, ...) is written in one atomic step, so a failed run leaves no half
+    of one (and an older output untouched).
+    """
     say = log or (lambda msg: print(f"[slimtune prune] {msg}", file=sys.stderr))
     s.validate()
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
     seed_everything(s.seed)
     out = Path(s.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "sparsity.json", "sparse"):  # a rerun must not mix old results in
-        p = out / stale
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    atomic_write_json(out / "prune.json", dataclasses.asdict(s))
     t_start = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        st = _setup_model(s)
+        _step_vocab(s, st, tmp, say)  # first: every later step sees the new ids
+        _setup_train_data(s, st)
+        _step_structured(s, st, say)
+        method, mcfg, ctx, tcfg, summary = _step_recover(s, st, tmp, say)
+        _step_export(s, st, method, mcfg, ctx, tcfg, out, tmp, say)
+        _step_evaluate(s, st)
+        r = st.result
+        r.update(params=count_params(st.model), size_mb=weights_size_mb(tmp), train=summary,
+                 seconds=time.perf_counter() - t_start)
+        r["params_ratio"] = r["params_before"] / r["params"]
+        atomic_write_json(tmp / "metrics.json", r)
+        atomic_write_json(tmp / "prune.json", dataclasses.asdict(s))
+        save_settings(s, tmp / SETTINGS_FILE)
+    return st.model, st.tokenizer, st.result
+
+
+def _setup_model(s: PruneSettings) -> _State:
+    """Load the tokenizer and classifier (and a frozen copy as the KD teacher)."""
     tokenizer = load_tokenizer(s.model)
     model = load_model(s.model, "classification")
-    labels = _label_names(model)
-    params_before = count_params(model)
-    teacher = None
-    if s.kd:
-
-        teacher = copy.deepcopy(model)
     result: dict[str, Any] = {"task": "classification", "method": "prune", "base_model": s.model,
-                              "params_before": params_before}
+                              "params_before": count_params(model)}
+    return _State(model, tokenizer, _label_names(model), copy.deepcopy(model) if s.kd else None, result)
 
-    # 1. vocabulary: exact for corpus text; done first so every later step sees the new ids.
-    new_to_old = None
-    tok_dir = out / ".tokenizer-tmp"
-    if s.vocab_from:
 
-        texts = read_corpus_texts(s.vocab_from)
-        tokenizer, new_to_old, info = prune_vocabulary(model, tokenizer, texts, tok_dir,
-                                                       min_count=s.vocab_min_count, keep_chars=s.vocab_keep_chars)
-        info["files"] = list(s.vocab_from)
-        result["vocab"] = info
-        say(f"vocabulary {info['vocab_size_before']} -> {info['vocab_size_after']} tokens")
+def _step_vocab(s: PruneSettings, st: _State, tmp: Path, say: Any) -> None:
+    """Vocabulary pruning: exact for the corpus text (the new tokenizer files go to ``tmp/.tokenizer-tmp``)."""
+    files = s.vocab_files()
+    if not files:
+        return
+    texts = read_corpus_texts(files)
+    st.tokenizer, st.new_to_old, info = prune_vocabulary(st.model, st.tokenizer, texts, tmp / ".tokenizer-tmp",
+                                                         min_count=s.vocab_min_count, keep_chars=s.vocab_keep_chars)
+    info["files"] = list(files)
+    st.result["vocab"] = info
+    say(f"vocabulary {info['vocab_size_before']} -> {info['vocab_size_after']} tokens")
 
-    train_data = None
+
+def _setup_train_data(s: PruneSettings, st: _State) -> None:
     if s.train:
-        tr = load_classification(s.train, label_names=labels, max_rows=s.max_train_samples, seed=s.seed)
-        train_data = tokenize_classification(tr, tokenizer, s.max_length)
+        tr = load_classification(s.train, label_names=st.labels, max_rows=s.max_train_samples, seed=s.seed)
+        st.train_data = tokenize_classification(tr, st.tokenizer, s.max_length)
 
-    # 2. whole layers and FFN neurons: a smaller dense model of the same architecture.
-    if s.layers or s.ffn:
 
-        model, info = prune_structured(model, ffn=s.ffn, layers=s.layers, importance=s.importance,
-                                       data=train_data, num_batches=s.importance_batches, seed=s.seed)
-        result["structured"] = info
-        say(f"layers {info['layers_before']} -> {info['layers_after']} (dropped {info['dropped_layers']}), "
-            f"FFN {info['intermediate_before']} -> {info['intermediate_after']} per layer")
+def _step_structured(s: PruneSettings, st: _State, say: Any) -> None:
+    """Whole layers and FFN neurons: a smaller dense model of the same architecture."""
+    if not (s.layers or s.ffn):
+        return
+    st.model, info = prune_structured(st.model, ffn=s.ffn, layers=s.layers, importance=s.importance,
+                                      data=st.train_data, num_batches=s.importance_batches, seed=s.seed)
+    st.result["structured"] = info
+    say(f"layers {info['layers_before']} -> {info['layers_after']} (dropped {info['dropped_layers']}), "
+        f"FFN {info['intermediate_before']} -> {info['intermediate_after']} per layer")
 
-    # 3. recovery training (and gradual unstructured pruning) through the one training loop.
+
+def _step_recover(s: PruneSettings, st: _State, tmp: Path, say: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """Recovery training (and gradual unstructured pruning) through the one training loop.
+
+    Returns:
+        ``(method, method config, context, train config, training summary or None)``.
+    """
     unstructured = s.sparsity > 0 or s.pattern != "unstructured"
     method = get_method("magnitude" if unstructured else "full")
     if unstructured:
@@ -216,51 +278,45 @@ def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str,
     tcfg = TrainConfig(max_steps=max(1, s.recover_steps), batch_size=s.batch_size, lr=s.lr, warmup_ratio=0.06,
                        seed=s.seed, tensorboard=False, resume=False, log_every=10)
     ctx = MethodContext(task="classification", total_steps=max(1, s.recover_steps), base_model=s.model)
-    model = method.apply(model, mcfg, ctx)
+    st.model = method.apply(st.model, mcfg, ctx)
     summary = None
     if s.recover_steps > 0:
-
-        loss_fn = kd_loss_fn(teacher, new_to_old, s.kd_temperature, s.kd_alpha) if teacher is not None else default_loss
+        teacher = st.teacher
+        loss_fn = (kd_loss_fn(teacher, st.new_to_old, s.kd_temperature, s.kd_alpha)
+                   if teacher is not None else default_loss)
         say(f"recovery training: {s.recover_steps} steps{' with KD from the unpruned model' if teacher else ''}")
         # No eval_fn: the final weights are used, never ones picked on the evaluation file.
-        summary = train(model, method, mcfg, train_data, tcfg, out, total_steps=s.recover_steps, loss_fn=loss_fn)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    del teacher
+        summary = train(st.model, method, mcfg, st.train_data, tcfg, tmp, total_steps=s.recover_steps,
+                        loss_fn=loss_fn)
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+    st.teacher = None
+    return method, mcfg, ctx, tcfg, summary
 
-    # Export: method writes config.json + model.safetensors (+ sparsity report); tokenizer beside.
-    model = method.export(model, mcfg, out, ctx)
-    tokenizer.save_pretrained(out)
-    if s.vocab_from:  # the rewritten tokenizer.json / vocab.txt, not a re-serialisation
+
+def _step_export(s: PruneSettings, st: _State, method: Any, mcfg: Any, ctx: Any, tcfg: Any, out: Path,
+                 tmp: Path, say: Any) -> None:
+    """config.json + model.safetensors (+ sparsity report) by the method; tokenizer and recovery recipe beside."""
+    st.model = method.export(st.model, mcfg, tmp, ctx)
+    st.tokenizer.save_pretrained(tmp)
+    tok_dir = tmp / ".tokenizer-tmp"
+    if st.new_to_old is not None:  # the rewritten tokenizer.json / vocab.txt, not a re-serialisation
         for name in ("tokenizer.json", "vocab.txt"):
-            shutil.copyfile(tok_dir / name, out / name)
-        shutil.rmtree(tok_dir, ignore_errors=True)
+            shutil.copyfile(tok_dir / name, tmp / name)
+    shutil.rmtree(tok_dir, ignore_errors=True)
     if s.recover_steps > 0:  # the recovery run, repeatable with `slimtune finetune --config`
         recipe = Recipe(output=str(out), model=ModelConfig(name=s.model), data=DataConfig(
             train=s.train, eval=s.eval, max_length=s.max_length, max_train_samples=s.max_train_samples),
             train=tcfg, method=mcfg, method_name=method.name)
-        recipe.save(out / "recipe.yaml")
-    if unstructured:
-        result["sparsity"] = json.loads((out / "sparsity.json").read_text())
-        rep = result["sparsity"]
+        recipe.save(tmp / "recipe.yaml")
+    if method.name == "magnitude":
+        st.result["sparsity"] = rep = json.loads((tmp / "sparsity.json").read_text())
         say(f"unstructured sparsity {rep['pruned_weights_sparsity']:.1%} of pruned weights "
             f"({rep['model_sparsity']:.1%} of the model); dense file size unchanged by zeros")
+
+
+def _step_evaluate(s: PruneSettings, st: _State) -> None:
     if s.eval:
-        ev = load_classification(s.eval, label_names=labels, max_rows=s.max_eval_samples, seed=s.seed)
-        result.update(evaluate_classifier(model, tokenize_classification(ev, tokenizer, s.max_length), labels))
-        result["eval_file"] = s.eval
-    result.update(params=count_params(model), size_mb=weights_size_mb(out), train=summary,
-                  seconds=time.perf_counter() - t_start)
-    result["params_ratio"] = params_before / result["params"]
-    update_json(out / "metrics.json", result)
-    return model, tokenizer, result
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-
-
-
-
+        ev = load_classification(s.eval, label_names=st.labels, max_rows=s.max_eval_samples, seed=s.seed)
+        st.result.update(evaluate_classifier(st.model, tokenize_classification(ev, st.tokenizer, s.max_length),
+                                             st.labels))
+        st.result["eval_file"] = s.eval

@@ -3,14 +3,20 @@ pick the fastest that keeps the numbers.
 
 Candidates (int8 weights, activations quantized on the fly per call):
 
-- ``torch``: slimtune's own per-channel symmetric int8 codes loaded into
+- ``torch``: slimtune's own int8 codes (per channel or per tensor, symmetric or asymmetric, as
+  the :class:`~slimtune.compress.quant.api.Int8WeightConfig` says) loaded into
   ``torch.ao.nn.quantized.dynamic.Linear`` (fbgemm/x86 kernels); embeddings stay int8 and are
   decoded row by row at lookup. The artifact is the slimtune quantized folder.
 - ``torchao``: ``torchao.quantization.Int8DynamicActivationInt8WeightConfig`` (eager; on CPU
-  without ``torch.compile`` it is usually far slower, which the pre-screen shows and records).
+  without ``torch.compile`` it is usually far slower, which the pre-screen shows and records):
+  per-channel symmetric Linear weights, embeddings left in float.
 - ``onnxruntime``: ONNX export with eager attention, ORT transformer fusions (Attention,
   EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), then ORT dynamic int8
-  quantization per channel including the embedding tables. The artifact is the ONNX folder.
+  quantization (symmetric weights, per channel or per tensor, embedding tables included unless
+  asked not to). The artifact is the ONNX folder.
+
+A backend that cannot run the requested settings exactly is not built (:func:`int8_backend_gap`
+says why): a choice is never reported under settings it did not apply.
 
 Parity is judged on the evaluation set: SQNR of the logits against fp32 (torchao's
 ``compute_error``) and accuracy. Latency is measured interleaved with
@@ -72,41 +78,62 @@ class Candidate:
 # --------------------------------------------------------------------------------------------
 
 
+def int8_backend_gap(backend: str, cfg: Int8WeightConfig) -> str | None:
+    """Why ``backend`` cannot run int8 weights exactly as ``cfg`` says, or None when it can."""
+    if cfg.granularity == "group":
+        return "int8 kernels take one scale per tensor or per output channel, not group-wise (use --scheme int4 for group-wise storage)"
+    if backend == "onnxruntime" and not cfg.symmetric:
+        return "ONNX Runtime's dynamic int8 weights are symmetric"
+    if backend == "torchao":
+        if cfg.granularity != "channel" or not cfg.symmetric:
+            return "torchao's int8 dynamic config is per-channel symmetric only"
+        if cfg.include_embeddings:
+            return "torchao leaves the embedding tables in float (give --no-embeddings)"
+    return None
+
+
 def to_torch_dynamic(model: nn.Module) -> nn.Module:
-    """Swap every int8 per-channel symmetric :class:`QuantizedLinear` for torch's dynamic int8
-    Linear built from the *same* codes and scales (no re-quantization). In place."""
+    """Swap every int8 per-channel or per-tensor :class:`QuantizedLinear` (symmetric or not) for
+    torch's dynamic int8 Linear built from the *same* codes, scales and zero points (no
+    re-quantization). In place."""
 
     for fqn, m in list(model.named_modules()):
         if not isinstance(m, QuantizedLinear):
             continue
         meta = m.qmeta
-        if not (meta["kind"] == "affine" and meta["bits"] == 8 and meta["symmetric"]
-                and meta["granularity"] in ("channel", "tensor")):
+        if not (meta["kind"] == "affine" and meta["bits"] == 8 and meta["granularity"] in ("channel", "tensor")):
             continue
-        scale = m.scale.double()
-        if meta["granularity"] == "tensor":
-            scale = scale.expand(m.out_features).contiguous()
+        scale = m.scale.double().expand(m.out_features).contiguous()
+        zp = getattr(m, "zero_point", None) if not meta["symmetric"] else None
+        zp = (torch.zeros(m.out_features, dtype=torch.long) if zp is None
+              else zp.long().expand(m.out_features).contiguous())
         with warnings.catch_warnings():  # quantized tensors are "deprecated" but still the fbgemm path
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(m.qdata.reshape(m.out_features, m.in_features),
-                                                          scale, torch.zeros(m.out_features, dtype=torch.long), 0)
+                                                          scale, zp, 0)
             dyn = DynLinear(m.in_features, m.out_features, bias_=m.bias is not None, dtype=torch.qint8)
             dyn.set_weight_bias(qw, None if m.bias is None else m.bias.detach().float())
         _set_module(model, fqn, dyn)
     return model
 
 
-def build_torch(model: nn.Module, work_dir: Path, tokenizer: Any, include_embeddings: bool = True) -> Candidate:
-    """Per-channel int8 in slimtune's format, served through torch's dynamic int8 kernels."""
+def build_torch(model: nn.Module, work_dir: Path, tokenizer: Any, cfg: Int8WeightConfig | None = None) -> Candidate:
+    """int8 in slimtune's format as ``cfg`` says (default per-channel symmetric), served through
+    torch's dynamic int8 kernels."""
 
-    cfg = Int8WeightConfig(granularity="channel", symmetric=True, include_embeddings=include_embeddings)
+    cfg = cfg or Int8WeightConfig()
+    gap = int8_backend_gap("torch", cfg)
+    if gap is not None:
+        raise ValueError(f"torch backend: {gap}")
     q = quantize_(copy.deepcopy(model).eval(), cfg)
     path = work_dir / "torch"
     save_quantized(q, path, cfg, tokenizer, extra={"backend": "torch"})
     served = to_torch_dynamic(load_quantized(path))
-    return Candidate("torch-int8-channel", "torch", torch_predict(served), path,
-                     {"weights": "int8 per-channel symmetric (slimtune codes)",
-                      "embeddings": "int8 per-row" if include_embeddings else "fp32"})
+    sym = "symmetric" if cfg.symmetric else "asymmetric"
+    emb = {"tensor": "int8 per-tensor", "channel": "int8 per-row"}[cfg.granularity]
+    return Candidate(f"torch-int8-{cfg.granularity}", "torch", torch_predict(served), path,
+                     {"weights": f"int8 per-{cfg.granularity} {sym} (slimtune codes)",
+                      "embeddings": emb if cfg.include_embeddings else "fp32"})
 
 
 def build_torch_baseline(model: nn.Module) -> Candidate:
@@ -121,11 +148,10 @@ def build_torch_baseline(model: nn.Module) -> Candidate:
 
 def build_torchao(model: nn.Module) -> Candidate:
     """torchao ``Int8DynamicActivationInt8WeightConfig`` on the Linear layers (eager mode)."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig  # optional dependency (the quant extra)
-    from torchao.quantization import quantize_ as ao_quantize_  # optional dependency (the quant extra)
+    import torchao.quantization as tq  # optional dependency (the quant extra)
 
     q = copy.deepcopy(model).eval()
-    ao_quantize_(q, Int8DynamicActivationInt8WeightConfig())
+    tq.quantize_(q, tq.Int8DynamicActivationInt8WeightConfig())
     return Candidate("torchao-int8-dynamic", "torchao", torch_predict(q), None,
                      {"weights": "int8 per-channel (torchao)", "embeddings": "fp32"})
 
@@ -154,7 +180,8 @@ def build_onnxruntime(model: nn.Module, work_dir: Path, tokenizer: Any, *, fused
 
 
 def build_onnxruntime_mixed(model: nn.Module, work_dir: Path, tokenizer: Any, calib: TokenizedData, *,
-                            target_db: float, max_layers: int = 6,
+                            target_db: float, max_layers: int = 6, per_channel: bool = True,
+                            quantize_embeddings: bool = True,
                             name: str = "onnxruntime-int8-mixed") -> Candidate | None:
     """ORT int8 with the fewest float-activation layers that reach ``target_db`` on ``calib``.
 
@@ -178,7 +205,8 @@ def build_onnxruntime_mixed(model: nn.Module, work_dir: Path, tokenizer: Any, ca
     chosen: list[str] = []
     trace: list[tuple[int, float]] = []
     while True:
-        info["quantization"] = quantize_onnx(fused, path / ONNX_FILE,
+        info["quantization"] = quantize_onnx(fused, path / ONNX_FILE, per_channel=per_channel,
+                                             quantize_embeddings=quantize_embeddings,
                                              float_activation_nodes=[nodes[n] for n in chosen])
         s = sqnr_db(ref, predict_all(onnx_predict(path), calib))
         trace.append((len(chosen), round(s, 2)))
@@ -198,20 +226,25 @@ def build_onnxruntime_mixed(model: nn.Module, work_dir: Path, tokenizer: Any, ca
 
 def build_candidates(model: nn.Module, tokenizer: Any, work_dir: Path, backends: list[str],
                      baselines: bool = False, calib: TokenizedData | None = None,
-                     target_db: float = 30.0) -> tuple[list[Candidate], dict[str, str]]:
+                     target_db: float = 30.0,
+                     cfg: Int8WeightConfig | None = None) -> tuple[list[Candidate], dict[str, str]]:
     """Build the candidates of ``backends``; return (candidates, {name: why it failed}).
 
     With ``calib`` data, ONNX Runtime also gets a mixed-precision candidate aiming at ``target_db``.
+    ``cfg`` (default per-channel symmetric) is what the torch and ONNX Runtime candidates apply;
+    callers pass only backends that can run it (:func:`int8_backend_gap`).
     """
+    cfg = cfg or Int8WeightConfig()
+    ort_kw = {"per_channel": cfg.granularity == "channel", "quantize_embeddings": cfg.include_embeddings}
     work_dir.mkdir(parents=True, exist_ok=True)
     builders: list[tuple[str, Callable[[], Candidate | None]]] = []
     if "onnxruntime" in backends:
-        builders.append(("onnxruntime-int8-fused", lambda: build_onnxruntime(model, work_dir, tokenizer)))
-        if calib is not None:
+        builders.append(("onnxruntime-int8-fused", lambda: build_onnxruntime(model, work_dir, tokenizer, **ort_kw)))
+        if calib is not None and cfg.granularity == "channel":  # its weight-only layers are per channel
             builders.append(("onnxruntime-int8-mixed", lambda: build_onnxruntime_mixed(
-                model, work_dir, tokenizer, calib, target_db=target_db)))
+                model, work_dir, tokenizer, calib, target_db=target_db, **ort_kw)))
     if "torch" in backends:
-        builders.append(("torch-int8-channel", lambda: build_torch(model, work_dir, tokenizer)))
+        builders.append((f"torch-int8-{cfg.granularity}", lambda: build_torch(model, work_dir, tokenizer, cfg)))
     if "torchao" in backends:
         builders.append(("torchao-int8-dynamic", lambda: build_torchao(model)))
     if baselines:
@@ -300,8 +333,9 @@ def choose(cands: list[Candidate], fp32_accuracy: float | None, *, min_sqnr_db: 
     if passing:
         best = passing[0]
         rivals = ", ".join(f"{c.name} {c.metrics['latency_ms_p50']:.1f} ms" for c in passing[1:])
-        why = (f"fastest passing parity (SQNR >= {min_sqnr_db:g} dB, accuracy drop <= "
-               f"{max_accuracy_drop:g} pt): {best.metrics['latency_ms_p50']:.1f} ms p50"
+        gates = f"SQNR >= {min_sqnr_db:g} dB" + (f", accuracy drop <= {max_accuracy_drop:g} pt"
+                                                 if fp32_accuracy is not None else "")
+        why = (f"fastest passing parity ({gates}): {best.metrics['latency_ms_p50']:.1f} ms p50"
                + (f" vs {rivals}" if rivals else "") + (f"; rejected: {others}" if others else ""))
         return best, why
     return None, f"no candidate passed parity: {others or 'none built'}"

@@ -134,8 +134,8 @@ def optimize_onnx(src: str | os.PathLike, dst: str | os.PathLike, config: Any) -
     number of kernels per layer several times; a model type the optimizer does not know is
     copied unchanged (empty dict returned).
     """
-    from onnxruntime.transformers.fusion_options import FusionOptions  # optional dependency (the quant extra)
-    from onnxruntime.transformers.optimizer import optimize_model  # optional dependency (the quant extra)
+    from onnxruntime.transformers.fusion_options import FusionOptions  # optional: quant extra
+    from onnxruntime.transformers.optimizer import optimize_model  # optional: quant extra
 
     mtype = ORT_MODEL_TYPES.get(getattr(config, "model_type", ""))
     if mtype is None:
@@ -211,7 +211,7 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel
     with ``quantize_embeddings`` the word/position tables (Gather, EmbedLayerNormalization)
     are stored int8 too, which is most of a small encoder's bytes.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic  # optional dependency (the quant extra)
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # optional: quant extra
 
     ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if quantize_embeddings else [])
     exclude = list(float_activation_nodes or [])

@@ -7,24 +7,25 @@ Public API (torchao-style; the pieces live in ``slimtune/quant/``)::
     save_quantized(model, "out/", Int4WeightConfig(group_size=32), tokenizer)
     model = load_quantized("out/")                         # identical codes and outputs
 
-    run_quantize("model_dir", "int8", output="out/", eval_path="test.tsv")   # what the CLI does
+    run_quantize(QuantizeSettings(model="model_dir", scheme="int8", output="out/", eval="test.tsv"))  # the CLI
     clf = load_classifier("out/")     # any slimtune output: clf(input_ids, attention_mask, token_type_ids) -> logits
 
 Schemes: ``int8`` (weights + dynamic int8 activations on the fastest CPU backend, chosen by
 measurement), ``int4`` (packed, group-wise), ``nf4``, ``kmeans`` (weight-only storage formats,
 decoded to float at load), ``fp32`` (no quantization; with ``--backend onnxruntime`` the fused
-fp32 ONNX folder). Every run writes ``metrics.json``: accuracy, size, SQNR, latency, backend and why.
-
-Top-level imports are stdlib only (the CLI parser imports this module).
+fp32 ONNX folder). Every run writes ``metrics.json`` (accuracy, size, SQNR, latency, backend and
+why, the config and gates applied) and ``quantize.yaml`` (its settings: ``--config`` repeats the run).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,26 @@ import yaml
 
 from slimtune.benchmark.timing import hardware_fingerprint, sample_inputs, set_threads
 from slimtune.compress.quant import backends as B
-from slimtune.compress.quant.api import (
-    Int4WeightConfig,
-    Int8WeightConfig,
-    KMeansConfig,
-    NF4Config,
-    config_to_dict,
-    dequantize_,
-    quantize_,
-)
+from slimtune.compress.quant.api import config_to_dict, dequantize_, quantize_
 from slimtune.compress.quant.linear import sqnr_db
 from slimtune.compress.quant.onnx import write_onnx_folder
 from slimtune.compress.quant.qat import recover_
+from slimtune.compress.quant.settings import (  # noqa: F401 (SCHEMES ... make_config: re-exported, the run API)
+    BACKEND_CHOICES,
+    SCHEMES,
+    QuantizeError,
+    QuantizeSettings,
+    make_config,
+)
 from slimtune.compress.quant.storage import export_dequantized as write_dequantized
 from slimtune.compress.quant.storage import load_quantized, save_quantized
+from slimtune.config.fields import save_settings
 from slimtune.data.datasets import load_classification, tokenize_classification
 from slimtune.io import atomic_dir, atomic_write_json, weights_size_mb
-from slimtune.models.loading import ModelError, label_names_of, load_model, load_tokenizer
+from slimtune.models.loading import label_names_of, load_model, load_tokenizer
 from slimtune.runtime.predict import predict_all, torch_predict
 
-SCHEMES = ("int8", "int4", "nf4", "kmeans", "fp32")
-BACKEND_CHOICES = ("auto", "torch", "torchao", "onnxruntime")
+SETTINGS_FILE = "quantize.yaml"  # the resolved settings, beside the artifacts; `--config` reads it back
 
 _API = {
     "quantize_": "slimtune.compress.quant.api", "dequantize_": "slimtune.compress.quant.api",
@@ -76,61 +76,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'slimtune.compress.quant.recipe' has no attribute {name!r}")
 
 
-class QuantizeError(ValueError):
-    """Bad arguments or inputs to ``slimtune quantize`` (reported as one line)."""
-
-
-def make_config(scheme: str, *, granularity: str | None = None, group_size: int | None = None,
-                bits: int | None = None, symmetric: bool | None = None,
-                include_embeddings: bool = True) -> Any:
-    """The config object for a scheme and CLI-style options, validated with clear errors."""
-
-    if scheme not in SCHEMES:
-        raise QuantizeError(f"--scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
-    if group_size is not None and group_size < 2:
-        raise QuantizeError(f"--group-size must be >= 2, got {group_size}")
-    kw: dict[str, Any] = {"include_embeddings": include_embeddings}
-    if scheme in ("int8", "int4"):
-        want = 8 if scheme == "int8" else 4
-        if bits is not None and bits != want:
-            raise QuantizeError(f"--bits {bits} contradicts --scheme {scheme} ({want} bits); --bits is for kmeans")
-        if granularity is not None:
-            kw["granularity"] = granularity
-        if group_size is not None:
-            if (granularity or ("channel" if scheme == "int8" else "group")) != "group":
-                raise QuantizeError("--group-size needs --granularity group")
-            kw["group_size"] = group_size
-        if symmetric is not None:
-            kw["symmetric"] = symmetric
-        cls = Int8WeightConfig if scheme == "int8" else Int4WeightConfig
-    elif scheme == "nf4":
-        if granularity not in (None, "group"):
-            raise QuantizeError(f"nf4 is block-wise (use --group-size for the block size), not {granularity!r}")
-        if bits not in (None, 4):
-            raise QuantizeError(f"nf4 is a 4-bit code; --bits {bits} is not possible")
-        if symmetric is not None:
-            raise QuantizeError("--symmetric/--asymmetric do not apply to nf4")
-        if group_size is not None:
-            kw["block_size"] = group_size
-        cls = NF4Config
-    elif scheme == "kmeans":
-        if granularity == "group" or group_size is not None:
-            raise QuantizeError("kmeans codebooks are per tensor or per channel; --granularity group / --group-size do not apply")
-        if bits is not None:
-            kw["bits"] = bits
-        if granularity is not None:
-            kw["granularity"] = granularity
-        if symmetric is not None:
-            raise QuantizeError("--symmetric/--asymmetric do not apply to kmeans")
-        cls = KMeansConfig
-    else:  # fp32
-        return None
-    try:
-        return cls(**kw)
-    except ValueError as e:
-        raise QuantizeError(f"--scheme {scheme}: {e}") from None
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -138,7 +83,7 @@ def make_config(scheme: str, *, granularity: str | None = None, group_size: int 
 
 def _eval_setup(model_dir: Path, eval_path: str | None, tokenizer: Any, label_names: list[str],
                 max_eval_samples: int | None, max_length: int | None) -> Any:
-
+    """``eval_path`` read with the columns/encoding of the model's ``recipe.yaml`` and tokenized."""
     if eval_path is None:
         return None
     d: dict[str, Any] = {}
@@ -157,163 +102,194 @@ def _copy_into(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def run_quantize(model_dir: str, scheme: str, output: str, *, eval_path: str | None = None,
-                 granularity: str | None = None, group_size: int | None = None, bits: int | None = None,
-                 symmetric: bool | None = None, include_embeddings: bool = True, backend: str = "auto",
-                 threads: int = 1, batch_size: int = 1, seq_len: int = 128, repeats: int = 30,
-                 min_sqnr_db: float = 20.0, max_accuracy_drop: float = 0.5,
-                 max_eval_samples: int | None = None, max_length: int | None = None,
-                 export_dequantized: bool = False, qat_steps: int = 0, train_path: str | None = None,
-                 qat_lr: float = 2e-5, qat_batch_size: int = 16, calib_path: str | None = None,
-                 calib_samples: int = 256) -> dict[str, Any]:
-    """Quantize the classifier in ``model_dir`` and write ``output`` with ``metrics.json``.
+@dataclass
+class _Reference:
+    """The fp32 model and what every candidate is compared with (logits on --eval and on the
+    latency input)."""
+
+    src: Path
+    tok: Any
+    model: Any
+    names: list[str]
+    data: Any
+    inputs: dict[str, Any]
+    predict: Any
+    ref: Any
+    ref_sample: Any
+    fp32: dict[str, Any]
+
+
+def run_quantize(s: QuantizeSettings) -> dict[str, Any]:
+    """Quantize the classifier ``s.model`` and write ``s.output`` with ``metrics.json``.
+
+    Every setting is validated before any weight loads; the output folder (weights,
+    ``metrics.json``, ``quantize.yaml`` = ``s``) is written in one atomic step, and not at all
+    when a parity gate (``s.gates()``) fails.
 
     Args:
-        model_dir: a plain HF classifier folder (config.json with id2label, weights, tokenizer).
-        scheme: int8 | int4 | nf4 | kmeans | fp32.
-        output: folder to write (replaced atomically when complete).
-        eval_path: labelled file for accuracy and logits SQNR (columns as in the model's recipe.yaml).
-        granularity, group_size, bits, symmetric, include_embeddings: see :func:`make_config`.
-        backend: int8/fp32 only: auto (measure all), torch, torchao or onnxruntime.
-        threads: intra-op threads for every latency number (1 = the reference setting).
-        batch_size, seq_len: the latency input shape.
-        repeats: interleaved timing rounds.
-        min_sqnr_db, max_accuracy_drop: parity a backend must keep to be chosen (dB, points).
-        max_eval_samples: subsample the eval file.
-        max_length: tokenization length for evaluation (default: recipe.yaml, else 128).
-        export_dequantized: also write ``output/dequantized/`` (plain float HF folder).
-        qat_steps: int4/nf4/kmeans: fake-quant recovery fine-tune of this many steps on
-            ``train_path`` before quantizing (0: post-training quantization only).
-        train_path, qat_lr, qat_batch_size: the recovery fine-tune's data and settings.
-        calib_path, calib_samples: int8: texts for the mixed-precision search (labels unused);
-            default ``train_path``, else ``eval_path`` (recorded in metrics.json).
+        s: The settings (see :class:`QuantizeSettings`; ``slimtune quantize --help`` lists them).
+
+    Returns:
+        The metrics written to ``metrics.json``.
+
+    Raises:
+        QuantizeError: bad settings, or the result misses ``--min-sqnr`` / ``--max-accuracy-drop``
+            (the message gives the measured value and the gate).
     """
+    s.validate()
+    cfg = s.weight_config()
+    gates = s.gates()
+    set_threads(s.threads)
+    r = _setup_reference(s)
+    metrics: dict[str, Any] = {"model": str(r.src), "scheme": s.scheme,
+                               "config": config_to_dict(cfg) if cfg is not None else None, "gates": gates,
+                               "eval_file": s.eval, "eval_n": len(r.data) if r.data else 0,
+                               "latency_setting": {"batch_size": s.batch_size, "seq_len": s.seq_len,
+                                                   "threads": s.threads}}
+    out = Path(s.output)
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work:
+        if s.scheme in ("int8", "fp32"):
+            _step_backends(s, r, cfg, gates, Path(work), tmp, metrics)
+        else:
+            _step_weight_only(s, r, cfg, Path(work), tmp, metrics)
+            _check_gates(s, gates, metrics, r.fp32)
+        _step_finish(s, r, tmp, metrics)
+    return metrics
 
-    cfg = make_config(scheme, granularity=granularity, group_size=group_size, bits=bits,
-                      symmetric=symmetric, include_embeddings=include_embeddings)
-    if backend not in BACKEND_CHOICES:
-        raise QuantizeError(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
-    if scheme in ("int4", "nf4", "kmeans") and backend != "auto":
-        raise QuantizeError(f"--backend applies to int8 (and fp32 ONNX); {scheme} is a weight-only "
-                            f"storage format decoded to float at load")
-    if qat_steps and scheme not in ("int4", "nf4", "kmeans"):
-        raise QuantizeError(f"--qat-steps applies to int4, nf4 and kmeans, not {scheme}")
-    if qat_steps and not train_path:
-        raise QuantizeError("--qat-steps needs --train FILE (labelled data for the recovery fine-tune)")
-    if scheme == "fp32" and backend not in ("auto", "onnxruntime"):
-        raise QuantizeError("--scheme fp32 only writes the fp32 ONNX folder: use --backend onnxruntime")
-    src = Path(model_dir)
-    if not (src / "config.json").is_file():
-        raise ModelError(f"{src}: not a model folder (no config.json)")
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise QuantizeError(f"--output {out}: exists and is not a folder")
-    if out.resolve() == src.resolve():
-        raise QuantizeError("--output must differ from --model (the fp32 model is the reference)")
 
-    set_threads(threads)
+def _setup_reference(s: QuantizeSettings) -> _Reference:
+    """Load the fp32 model, the eval data and the latency input; compute the reference logits."""
+    src = Path(s.model)
     tok = load_tokenizer(str(src))
     model = load_model(str(src), "classification").eval()
     names = label_names_of(model)
     if all(n == f"LABEL_{i}" for i, n in enumerate(names)):
         names = [str(i) for i in range(len(names))]
-    data = _eval_setup(src, eval_path, tok, names, max_eval_samples, max_length)
-    inputs = sample_inputs(tok, batch_size, seq_len)
+    data = _eval_setup(src, s.eval, tok, names, s.max_eval_samples, s.max_length)
+    inputs = sample_inputs(tok, s.batch_size, s.seq_len)
     if "token_type_ids" not in inputs or getattr(model.config, "type_vocab_size", 0) <= 1:
         inputs.pop("token_type_ids", None)
-    fp32_predict = torch_predict(model)
-    ref = predict_all(fp32_predict, data) if data is not None else None
-    ref_sample = fp32_predict(inputs).float()
+    predict = torch_predict(model)
+    ref = predict_all(predict, data) if data is not None else None
     fp32 = {"size_mb": weights_size_mb(src), "accuracy": B.accuracy(ref, data.labels) if data else None}
+    return _Reference(src, tok, model, names, data, inputs, predict, ref, predict(inputs).float(), fp32)
 
-    metrics: dict[str, Any] = {"model": str(src), "scheme": scheme,
-                               "config": config_to_dict(cfg) if cfg is not None else None,
-                               "eval_file": eval_path, "eval_n": len(data) if data else 0,
-                               "latency_setting": {"batch_size": batch_size, "seq_len": seq_len, "threads": threads}}
-    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work:
-        if scheme in ("int8", "fp32"):
-            if scheme == "fp32":
 
-                path = Path(work) / "onnx-fp32"
-                info = write_onnx_folder(model, path, tok, optimize=True, quantize=False)
-                cands = [B.Candidate("onnxruntime-fp32-fused", "onnxruntime", B.onnx_predict(path), path, info)]
-                failed: dict[str, str] = {}
-            else:
-                wanted = ["torch", "torchao", "onnxruntime"] if backend == "auto" else [backend]
-                calib_file = calib_path or train_path or eval_path
-                calib = (_eval_setup(src, calib_file, tok, names, calib_samples, max_length)
-                         if calib_file else None)
-                metrics["calib_file"] = calib_file
-                cands, failed = B.build_candidates(model, tok, Path(work), wanted, calib=calib,
-                                                   target_db=min_sqnr_db + 0.5)
-            # Time first: a candidate the pre-screen drops (torchao eager: ~25x fp32) is not
-            # worth a pass over the eval set.
-            lat, dropped = B.time_candidates({"fp32": fp32_predict, **{c.name: c.predict for c in cands}},
-                                             inputs, repeats=repeats)
-            for c in cands:
-                if c.name in lat:
-                    c.metrics["latency_ms_p50"] = lat[c.name]["p50_ms"]
-                    c.metrics["latency_ms_p95"] = lat[c.name]["p95_ms"]
-                else:
-                    c.metrics["dropped"] = dropped[c.name]
-                c.metrics["sqnr_db_sample"] = sqnr_db(ref_sample, c.predict(inputs).float())
-                c.metrics["size_mb"] = weights_size_mb(c.path) if c.path else None
-            timed = [c for c in cands if c.name in lat]
-            if data is not None:
-                B.score_parity(timed, ref, data)
-            for c in cands:  # without --eval, SQNR on the latency input is the parity measure
-                c.metrics.setdefault("sqnr_db", c.metrics["sqnr_db_sample"])
-            fp32["latency_ms_p50"] = lat["fp32"]["p50_ms"]
-            savable = [c for c in cands if c.path is not None]
-            chosen, why = B.choose(savable, fp32["accuracy"], min_sqnr_db=min_sqnr_db,
-                                   max_accuracy_drop=max_accuracy_drop)
-            if chosen is None:
-                raise QuantizeError(f"{src}: {why}. Lower --min-sqnr / raise --max-accuracy-drop, "
-                                    f"or try another --backend")
-            _copy_into(chosen.path, tmp)
-            metrics["candidates"] = {c.name: {"backend": c.backend, **c.metrics, "info": c.info} for c in cands}
-            metrics["failed_backends"] = failed
-            metrics.update(backend=chosen.backend, backend_candidate=chosen.name, backend_reason=why,
-                           sqnr_db=chosen.metrics["sqnr_db"], accuracy=chosen.metrics.get("accuracy"),
-                           latency_ms_p50=chosen.metrics["latency_ms_p50"])
+def _candidates(s: QuantizeSettings, r: _Reference, cfg: Any, gates: dict[str, Any], work: Path,
+                metrics: dict[str, Any]) -> tuple[list[B.Candidate], dict[str, str]]:
+    """The fp32 ONNX folder (fp32), or every int8 backend that can run ``cfg`` (with why the others cannot)."""
+    if s.scheme == "fp32":
+        path = work / "onnx-fp32"
+        info = write_onnx_folder(r.model, path, r.tok, optimize=True, quantize=False)
+        return [B.Candidate("onnxruntime-fp32-fused", "onnxruntime", B.onnx_predict(path), path, info)], {}
+    wanted = s.int8_backends()
+    skipped = {b: f"cannot run these settings: {B.int8_backend_gap(b, cfg)}"
+               for b in (B.BACKENDS if s.backend == "auto" else [s.backend]) if b not in wanted}
+    calib_file = s.calib or s.train or s.eval
+    calib = _eval_setup(r.src, calib_file, r.tok, r.names, s.calib_samples, s.max_length) if calib_file else None
+    metrics["calib_file"] = calib_file
+    cands, failed = B.build_candidates(r.model, r.tok, work, wanted, calib=calib,
+                                       target_db=gates["min_sqnr_db"] + 0.5, cfg=cfg)
+    return cands, {**skipped, **failed}
+
+
+def _step_backends(s: QuantizeSettings, r: _Reference, cfg: Any, gates: dict[str, Any], work: Path,
+                   tmp: Path, metrics: dict[str, Any]) -> None:
+    """int8 / fp32: build the candidates, time and score them, copy the fastest with parity to ``tmp``."""
+    cands, failed = _candidates(s, r, cfg, gates, work, metrics)
+    # Time first: a candidate the pre-screen drops (torchao eager: ~25x fp32) is not
+    # worth a pass over the eval set.
+    lat, dropped = B.time_candidates({"fp32": r.predict, **{c.name: c.predict for c in cands}},
+                                     r.inputs, repeats=s.repeats)
+    for c in cands:
+        if c.name in lat:
+            c.metrics["latency_ms_p50"] = lat[c.name]["p50_ms"]
+            c.metrics["latency_ms_p95"] = lat[c.name]["p95_ms"]
         else:
-            q = quantize_(copy.deepcopy(model), cfg)
-            if qat_steps:
-                metrics["qat"] = _recover(model, q, cfg, src, tok, names, data, train_path, qat_steps,
-                                          qat_lr, qat_batch_size, max_length, Path(work))
-                q = quantize_(metrics["qat"].pop("model"), cfg)
-            save_quantized(q, tmp, cfg, tok)
-            # Exactness: what a reload gives must equal the in-memory quantized model.
-            reloaded = load_quantized(tmp)
-            with torch.inference_mode():
-                same = torch.equal(q(**inputs).logits, reloaded(**inputs).logits)
-            if not same:
-                raise RuntimeError(f"{tmp}: reloaded quantized model differs from the one saved")
-            served = dequantize_(reloaded)  # decoded once at load: fp32 kernels, compact on disk
-            served_predict = torch_predict(served)
-            lat, _ = B.time_candidates({"fp32": fp32_predict, "served": served_predict}, inputs,
-                                       repeats=repeats, prescreen_ratio=1e9)
-            fp32["latency_ms_p50"] = lat["fp32"]["p50_ms"]
-            lg = predict_all(served_predict, data) if data is not None else None
-            metrics.update(backend="torch (decoded to fp32 at load)", backend_reason=(
-                f"{scheme} is a weight-only storage format: codes are decoded once at load and run "
-                f"with fp32 kernels"), roundtrip_exact=same,
-                sqnr_db=sqnr_db(ref, lg) if lg is not None else sqnr_db(ref_sample, served_predict(inputs)),
-                accuracy=B.accuracy(lg, data.labels) if data is not None else None,
-                latency_ms_p50=lat["served"]["p50_ms"])
-            if export_dequantized:
-                write_dequantized(reloaded, tmp / "dequantized", tok)
-        metrics["size_mb"] = weights_size_mb(tmp)
-        metrics["fp32"] = fp32
-        metrics["compression"] = fp32["size_mb"] / max(metrics["size_mb"], 1e-9)
-        metrics["speedup"] = fp32["latency_ms_p50"] / metrics["latency_ms_p50"]
-        if metrics.get("accuracy") is not None and fp32["accuracy"] is not None:
-            metrics["accuracy_drop_pt"] = (fp32["accuracy"] - metrics["accuracy"]) * 100
-        metrics["hardware"] = hardware_fingerprint()
-        if (src / "recipe.yaml").is_file():
-            shutil.copy2(src / "recipe.yaml", tmp / "recipe.yaml")
-        atomic_write_json(tmp / "metrics.json", metrics)
-    return metrics
+            c.metrics["dropped"] = dropped[c.name]
+        c.metrics["sqnr_db_sample"] = sqnr_db(r.ref_sample, c.predict(r.inputs).float())
+        c.metrics["size_mb"] = weights_size_mb(c.path) if c.path else None
+    timed = [c for c in cands if c.name in lat]
+    if r.data is not None:
+        B.score_parity(timed, r.ref, r.data)
+    for c in cands:  # without --eval, SQNR on the latency input is the parity measure
+        c.metrics.setdefault("sqnr_db", c.metrics["sqnr_db_sample"])
+    r.fp32["latency_ms_p50"] = lat["fp32"]["p50_ms"]
+    savable = [c for c in cands if c.path is not None]
+    drop = gates["max_accuracy_drop"]
+    chosen, why = B.choose(savable, r.fp32["accuracy"] if drop is not None else None,
+                           min_sqnr_db=gates["min_sqnr_db"], max_accuracy_drop=drop if drop is not None else math.inf)
+    if chosen is None:
+        raise QuantizeError(f"{r.src}: {why}. Lower --min-sqnr / raise --max-accuracy-drop, "
+                            f"or try another --backend; nothing written")
+    _copy_into(chosen.path, tmp)
+    metrics["candidates"] = {c.name: {"backend": c.backend, **c.metrics, "info": c.info} for c in cands}
+    metrics["failed_backends"] = failed
+    metrics.update(backend=chosen.backend, backend_candidate=chosen.name, backend_reason=why,
+                   sqnr_db=chosen.metrics["sqnr_db"], accuracy=chosen.metrics.get("accuracy"),
+                   latency_ms_p50=chosen.metrics["latency_ms_p50"])
+
+
+def _step_weight_only(s: QuantizeSettings, r: _Reference, cfg: Any, work: Path, tmp: Path,
+                      metrics: dict[str, Any]) -> None:
+    """int4 / nf4 / kmeans: quantize (after the optional QAT recovery), save, prove the reload exact, measure."""
+    q = quantize_(copy.deepcopy(r.model), cfg)
+    if s.qat_steps:
+        metrics["qat"] = _recover(r.model, q, cfg, r.src, r.tok, r.names, r.data, s.train, s.qat_steps,
+                                  s.qat_lr, s.qat_batch_size, s.max_length, work)
+        q = quantize_(metrics["qat"].pop("model"), cfg)
+    save_quantized(q, tmp, cfg, r.tok)
+    # Exactness: what a reload gives must equal the in-memory quantized model.
+    reloaded = load_quantized(tmp)
+    with torch.inference_mode():
+        same = torch.equal(q(**r.inputs).logits, reloaded(**r.inputs).logits)
+    if not same:
+        raise RuntimeError(f"{tmp}: reloaded quantized model differs from the one saved")
+    served = dequantize_(reloaded)  # decoded once at load: fp32 kernels, compact on disk
+    served_predict = torch_predict(served)
+    lat, _ = B.time_candidates({"fp32": r.predict, "served": served_predict}, r.inputs,
+                               repeats=s.repeats, prescreen_ratio=1e9)
+    r.fp32["latency_ms_p50"] = lat["fp32"]["p50_ms"]
+    lg = predict_all(served_predict, r.data) if r.data is not None else None
+    metrics.update(backend="torch (decoded to fp32 at load)", backend_reason=(
+        f"{s.scheme} is a weight-only storage format: codes are decoded once at load and run "
+        f"with fp32 kernels"), roundtrip_exact=same,
+        sqnr_db=sqnr_db(r.ref, lg) if lg is not None else sqnr_db(r.ref_sample, served_predict(r.inputs)),
+        accuracy=B.accuracy(lg, r.data.labels) if r.data is not None else None,
+        latency_ms_p50=lat["served"]["p50_ms"])
+    if s.export_dequantized:
+        write_dequantized(reloaded, tmp / "dequantized", r.tok)
+
+
+def _check_gates(s: QuantizeSettings, gates: dict[str, Any], metrics: dict[str, Any], fp32: dict[str, Any]) -> None:
+    """Raise (so nothing is written) when the result misses a gate, with the measured value."""
+    where = f"on {s.eval}" if s.eval else "on the latency input (no --eval)"
+    if gates["min_sqnr_db"] is not None and metrics["sqnr_db"] < gates["min_sqnr_db"]:
+        raise QuantizeError(f"--scheme {s.scheme}: logits SQNR {metrics['sqnr_db']:.1f} dB {where} < --min-sqnr "
+                            f"{gates['min_sqnr_db']:g} dB; nothing written (finer --granularity / --group-size, "
+                            f"--qat-steps, or a lower --min-sqnr)")
+    if gates["max_accuracy_drop"] is not None and metrics.get("accuracy") is not None:
+        drop = (fp32["accuracy"] - metrics["accuracy"]) * 100
+        if drop > gates["max_accuracy_drop"]:
+            raise QuantizeError(f"--scheme {s.scheme}: accuracy drop {drop:.2f} pt on {s.eval} > --max-accuracy-drop "
+                                f"{gates['max_accuracy_drop']:g} pt (fp32 {fp32['accuracy']:.4f}, "
+                                f"{s.scheme} {metrics['accuracy']:.4f}); nothing written")
+
+
+def _step_finish(s: QuantizeSettings, r: _Reference, tmp: Path, metrics: dict[str, Any]) -> None:
+    """Sizes and ratios; ``recipe.yaml`` of the input, ``metrics.json`` and ``quantize.yaml`` into ``tmp``."""
+    fp32 = r.fp32
+    metrics["size_mb"] = weights_size_mb(tmp)
+    metrics["fp32"] = fp32
+    metrics["compression"] = fp32["size_mb"] / max(metrics["size_mb"], 1e-9)
+    metrics["speedup"] = fp32["latency_ms_p50"] / metrics["latency_ms_p50"]
+    if metrics.get("accuracy") is not None and fp32["accuracy"] is not None:
+        metrics["accuracy_drop_pt"] = (fp32["accuracy"] - metrics["accuracy"]) * 100
+    metrics["hardware"] = hardware_fingerprint()
+    if (r.src / "recipe.yaml").is_file():
+        shutil.copy2(r.src / "recipe.yaml", tmp / "recipe.yaml")
+    atomic_write_json(tmp / "metrics.json", metrics)
+    save_settings(s, tmp / SETTINGS_FILE)
 
 
 def _recover(model: Any, ptq: Any, cfg: Any, src: Path, tok: Any, names: list[str], data: Any,
@@ -334,12 +310,7 @@ def _recover(model: Any, ptq: Any, cfg: Any, src: Path, tok: Any, names: list[st
 
 
 # --------------------------------------------------------------------------------------------
-# Loading any slimtune output for inference
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
+# Summary
 # --------------------------------------------------------------------------------------------
 
 
@@ -359,5 +330,3 @@ def format_summary(m: dict[str, Any]) -> str:
            + (f" (post-training accuracy was {m['qat']['ptq_accuracy']:.4f})" if "ptq_accuracy" in m['qat'] else "")]
           if m.get("qat") else []),
         f"why: {m['backend_reason']}"])
-
-

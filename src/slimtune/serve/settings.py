@@ -1,0 +1,49 @@
+"""``slimtune serve`` settings: one dataclass, every field a flag (derived by ``slimtune.cli``).
+
+:class:`ServeConfig` holds where to listen (``host``, ``port``), what to serve (``model``), the
+server's limits and batching, and uvicorn's logging. :func:`slimtune.serve.app.create_app` and
+the batcher read the limits; ``model``/``host``/``port``/``log_level``/``access_log`` are only
+used by the command, so ``ServeConfig(max_wait_ms=1)`` is a complete config for an in-process
+app (tests, embedding the app elsewhere).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from slimtune.config.fields import check_ranges, setting
+
+
+@dataclass
+class ServeConfig:
+    """Where to listen, what to serve, server limits and batching (each field is a ``slimtune serve`` flag)."""
+
+    model: str | None = setting(None, "Model folder written by slimtune (safetensors or model.onnx); required by slimtune serve.", metavar="DIR")
+    host: str = setting("127.0.0.1", "Bind address (loopback by default; binding elsewhere without --api-key logs a warning).")
+    port: int = setting(8000, "TCP port to listen on.", ge=0, le=65535)
+    max_batch_size: int = setting(32, "Most rows (texts) per forward pass; 1 = no batching.", ge=1)
+    max_wait_ms: float = setting(5.0, "Longest a request waits for others to join its batch, counted from its arrival.", ge=0)
+    max_queue: int = setting(256, "Most requests waiting; more are refused with 503 and Retry-After.", ge=1)
+    api_key: str | None = setting(None, "Require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on /v1/* and /metrics.", metavar="KEY")
+    max_texts: int = setting(64, "Most texts (or pairs) per classify request.", ge=1)
+    max_chars: int = setting(4000, "Most characters per text or prompt.", ge=1)
+    max_new_tokens: int = setting(256, "Upper bound on max_new_tokens for generate.", ge=1)
+    max_body_bytes: int = setting(1_000_000, "Largest request body accepted (413 above).", ge=1)
+    request_timeout_s: float = setting(30.0, "A request not answered by then gets 503.", gt=0)
+    threads: int | None = setting(None, "Intra-op threads for torch / ONNX Runtime (default: torch's).", ge=1)
+    device: str = setting("cpu", "Where the model runs: cpu, cuda or cuda:N (torch and ONNX folders); checked before any weight loads.")
+    forward_cost_tokens: int = setting(32, "Fixed cost of one forward pass, in padded tokens; a gathered batch is split by length where that saves more padding than this (0: never split).", ge=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = setting("info", "uvicorn log level.")
+    access_log: bool = setting(False, "Log every request (costs throughput).")
+
+    def validate(self, prefix: str = "--") -> None:
+        """Raise RecipeError (a ValueError) naming the first setting out of range.
+
+        Args:
+            prefix: ``"--"`` names flags in the message (``--max-queue``); else ``prefix.field``.
+        """
+        check_ranges(self, prefix)
+
+
+__all__ = ["ServeConfig"]
