@@ -366,3 +366,21 @@ def test_chat_recipe_keys_are_validated(model_dir: Path, files: dict[str, Path],
     with pytest.raises(RecipeError, match="data.chat_template"):
         _recipe(model_dir, files, tmp_path, "lora", chat_template="chatml")
     assert CHATML  # the helper's template is the tiny model's own
+
+
+def test_finetune_command_on_chat_data(model_dir: Path, files: dict[str, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from slimtune.cli.main import main
+
+    out = tmp_path / "cli"
+    args = ["finetune", "--model", str(model_dir), "--task", "causal-lm", "--train", str(files["train"]),
+            "--output", str(out), "--max-steps", "2", "--batch-size", "8", "data.packing=true",
+            "train.tensorboard=false", "train.progress=false"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())  # no --eval: 5% of the conversations held out
+    assert m["sft"] and m["data"]["train"]["examples"] + m["data"]["eval"]["examples"] == 48
+    assert "held-out" in m["eval_file"] and "answer_perplexity" in m
+    bad = write_jsonl(tmp_path / "bad.jsonl", [review_rows(1)[0], {"instruction": "x"}])
+    capsys.readouterr()
+    assert main([str(bad) if a == str(files["train"]) else a for a in args]) == 2
+    assert "bad.jsonl:2: missing 'output'" in capsys.readouterr().err

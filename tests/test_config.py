@@ -15,7 +15,8 @@ from slimtune.config.recipe import RecipeError, field_help, load_yaml, parse_ove
 def test_defaults_resolve_to_full_method():
     r = resolve({})
     assert r.method_name == "full"
-    assert r.train.lr == 5e-5 and r.model.name == "minilm"
+    assert r.train.lr == 1e-4 and r.model.name == "minilm"  # the full method's declared default (issue #23)
+    assert r.provenance["train.lr"] == {"value": 1e-4, "source": "default of method full"}
 
 
 def test_unknown_key_lists_valid_keys():

@@ -57,6 +57,7 @@ RECIPE_ROWS: dict[str, Row] = {
     "--packing": (None, "data.packing", True),
     "--no-packing": (None, "data.packing", False),
     "--epochs": ("2.5", "train.epochs", 2.5),
+    "--min-steps": ("40", "train.min_steps", 40),
     "--max-steps": ("7", "train.max_steps", 7),
     "--batch-size": ("4", "train.batch_size", 4),
     "--eval-batch-size": ("8", "train.eval_batch_size", 8),
@@ -184,6 +185,10 @@ def paths(tiny_assets, tiny_bert_dir, tmp_path_factory) -> dict[str, str]:
             "root": str(root)}
 
 
+DERIVED = ("data.max_length", "train.min_steps")
+METHOD_DEFAULTED = ("train.lr", "train.epochs", "train.min_steps")
+
+
 def _fill(value: Any, paths: dict[str, str]) -> Any:
     if isinstance(value, str):
         return value.format(**paths)
@@ -233,6 +238,11 @@ def _check_row(command: str, flag: str, paths: dict[str, str], tmp: Path,
         return
     if key == "method.name":  # another method: its own method.* settings come with it
         changed = {k for k in changed if not k.startswith("method.")} | {key}
+    if key in ("method.name", "model.task"):  # the method's declared defaults (lr, epochs, floor) are per task
+        changed = {k for k in changed if k not in METHOD_DEFAULTED} | {key}
+    # derived values (issue #23): provenance records every change; data.max_length: auto follows the
+    # data, model and columns; the step floor train.min_steps is 0 once epochs or max_steps are given
+    changed = {k for k in changed if k == key or not (k.startswith("provenance.") or k in DERIVED)}
     assert changed == {key}, (command, flag, changed)
     assert got[key] == expected, (command, flag, got[key], expected)
 

@@ -16,7 +16,7 @@ from slimtune.cli.recipe_flags import (
 from slimtune.compress.distill.recipe import run_distill
 from slimtune.compress.distill.settings import DistillConfig
 from slimtune.train import distributed
-from slimtune.train.finetune import print_finetune_result
+from slimtune.train.finetune import print_finetune_result, resolve_data_defaults
 
 
 def distill_recipe_from_args(args: argparse.Namespace) -> tuple[Any, DistillConfig]:
@@ -31,6 +31,8 @@ def distill_recipe_from_args(args: argparse.Namespace) -> tuple[Any, DistillConf
 def run(args: argparse.Namespace) -> int:
     """``slimtune distill``: build a student, distil, export, print the report."""
     recipe, dcfg = distill_recipe_from_args(args)
+    if getattr(args, "print_config", False):
+        resolve_data_defaults(recipe)  # data.max_length: auto -> the value the run will use
     if print_config(args, recipe.to_dict()):
         return 0
     rc = relaunch_training(args, recipe, "distill")

@@ -35,7 +35,7 @@ from slimtune.methods.lora import LoraMethodConfig
 from slimtune.train import distributed
 
 # Top-level Recipe fields with a flag, and the recipe key each one sets.
-_TOP_KEYS = {"output": "output", "method_name": "method.name"}
+_TOP_KEYS = {"output": "output", "overwrite": "overwrite", "method_name": "method.name"}
 
 
 @dataclass(frozen=True)

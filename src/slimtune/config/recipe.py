@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from slimtune.compress.distill.settings import DistillConfig
+from slimtune.config.defaults import apply_method_defaults
 from slimtune.config.fields import (  # noqa: F401 (load_yaml ... deep_merge: re-exported, the recipe API)
     RecipeError,
     build_section,
@@ -57,7 +58,7 @@ class DataConfig:
     text_column: str | None = setting(None, "Column with the text. Auto-detected: text, sentence, sentence1, #1 String, ...")
     text_pair_column: str | None = setting(None, "Column with the second text of a pair. Auto-detected: sentence2, #2 String, ...")
     label_column: str | None = setting(None, "Column with the label (string or integer). Auto-detected: label, labels, Quality, ...")
-    max_length: int = setting(128, "Maximum tokens per example (causal-lm: block size).", ge=1)
+    max_length: int | Literal["auto"] = setting("auto", "Maximum tokens per example (causal-lm: block size). auto (classification and chat data): the 99th percentile of the train (and eval) files' token lengths, rounded up to a multiple of 8, capped by the model's positions; raw-text causal-lm: 128. The value used is saved in recipe.yaml (provenance).", ge=1)
     max_train_samples: int | None = setting(None, "Use only the first N training rows after a seeded shuffle (None: all).", ge=1)
     max_eval_samples: int | None = setting(None, "Use only the first N evaluation rows (None: all).", ge=1)
     skip_bad_rows: bool = setting(False, "Skip malformed rows and report how many were skipped, instead of stopping at the first.")
@@ -73,12 +74,13 @@ class DataConfig:
 class TrainConfig:
     """The one training loop's settings (shared by every method)."""
 
-    epochs: float = setting(3.0, "Passes over the training data (fractional allowed). Ignored when max_steps > 0.", gt=0)
+    epochs: float | None = setting(None, "Passes over the training data (fractional allowed). Ignored when max_steps > 0. None: the method's default (3 for every built-in method).", gt=0)
+    min_steps: int | None = setting(None, "Floor on optimizer steps when the run length is derived from epochs (small files train at least this long). None: the method's default when epochs and max_steps are not given, else 0.", ge=0)
     max_steps: int = setting(-1, "Optimizer steps to run; -1 derives them from epochs.", ge=-1)
     batch_size: int = setting(32, "Examples per micro-batch; with several processes the global micro-batch, split across them.", ge=1)
     eval_batch_size: int = setting(64, "Examples per evaluation batch.", ge=1)
     grad_accum: int = setting(1, "Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum).", ge=1)
-    lr: float = setting(5e-5, "Peak learning rate of AdamW.", gt=0)
+    lr: float | None = setting(None, "Peak learning rate of AdamW. None: the method's declared default (full 1e-4, lora 1e-3, ia3 1e-2, ...; slimtune finetune --print-config shows it).", gt=0)
     weight_decay: float = setting(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).", ge=0)
     warmup_ratio: float = setting(0.06, "Fraction of steps with linear warm-up from 0 to lr.", ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = setting("linear", "Decay after warm-up.")
@@ -104,6 +106,7 @@ class Recipe:
     """A whole run. ``method`` holds the config dataclass of the method named by ``method.name``."""
 
     output: str | None = setting(None, "Output directory; everything the run writes goes here.")
+    overwrite: bool = setting(False, "Replace a finished run in the output folder (it is cleared first: the run starts from step 0). Without it, a finished output is an error; an unfinished one is resumed.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -111,15 +114,19 @@ class Recipe:
     method_name: str = setting("full", "Fine-tuning method, saved as method.name (one of the registered methods); its settings are the other method.* keys.", flag="--method")  # saved as method.name
     # ``slimtune distill`` recipes only: a slimtune.compress.distill.recipe.DistillConfig (None: no such section)
     distill: Any = None
+    # key -> {"value", "source"} for every defaulted value (slimtune.config.defaults); saved as ``provenance:``
+    provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-safe), the form saved as ``recipe.yaml``."""
-        out = {"output": self.output}
+        out: dict[str, Any] = {"output": self.output, "overwrite": self.overwrite}
         for name in SECTIONS:
             out[name] = dataclasses.asdict(getattr(self, name))
         out["method"] = {"name": self.method_name, **(dataclasses.asdict(self.method) if self.method else {})}
         if self.distill is not None:
             out["distill"] = dataclasses.asdict(self.distill)
+        if self.provenance:
+            out["provenance"] = {k: dict(v) for k, v in self.provenance.items()}
         return out
 
     def save(self, path: str | os.PathLike) -> None:
@@ -136,13 +143,14 @@ def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     from slimtune.data.packaged import expand_tree  # loads torch: importing config stays lean
     from slimtune.methods import get_method, method_names  # loads torch: config stays lean
 
-    valid_top = ["output", *SECTIONS, "method", "distill"]  # distill: optional, slimtune distill only
+    valid_top = ["output", "overwrite", *SECTIONS, "method", "distill", "provenance"]  # distill: slimtune distill only; provenance: informational
     for k in tree:
         if k not in valid_top:
             raise RecipeError(f"{source}: unknown section '{k}'; valid sections: {', '.join(valid_top)}")
 
     tree = expand_tree(tree)  # packaged:NAME/SPLIT data paths -> the real files (recorded in recipe.yaml)
-    recipe = Recipe(output=coerce(tree.get("output"), str | None, "output"))
+    recipe = Recipe(output=coerce(tree.get("output"), str | None, "output"),
+                    overwrite=coerce(tree.get("overwrite", False), bool, "overwrite"))
     for name, cls in SECTIONS.items():
         setattr(recipe, name, build_section(cls, tree.get(name) or {}, name))
     mtree = dict(tree.get("method") or {"name": "full"})
@@ -152,6 +160,12 @@ def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     mcfg = build_section(get_method(mname).config_cls, mtree, "method")
     recipe.method = mcfg
     recipe.method_name = mname
+    recorded = tree.get("provenance") if isinstance(tree.get("provenance"), dict) else None
+    recipe.provenance = apply_method_defaults(recipe, get_method(mname), recorded)
+    if recipe.data.max_length == "auto":  # resolved from the data by the run (slimtune.train.auto)
+        recipe.provenance["data.max_length"] = {"value": "auto", "source": "auto (resolved when the data is read)"}
+    elif "data.max_length" in (recorded or {}) and recorded["data.max_length"].get("value") == recipe.data.max_length:
+        recipe.provenance["data.max_length"] = dict(recorded["data.max_length"])
     if "distill" in tree:  # written by slimtune distill beside its student; validated below
 
         recipe.distill = build_section(DistillConfig, tree["distill"] or {}, "distill")
@@ -165,18 +179,18 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     for name in SECTIONS:
         check_ranges(getattr(recipe, name), name)
     positive = {"train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
-                "train.grad_accum": t.grad_accum, "data.max_length": d.max_length,
+                "train.grad_accum": t.grad_accum, "data.max_length": 1 if d.max_length == "auto" else d.max_length,
                 "train.log_every": t.log_every, "train.keep_checkpoints": t.keep_checkpoints}
     for k, v in positive.items():
         if v < 1:
             raise RecipeError(f"{k}: must be >= 1, got {v}")
-    if t.lr <= 0:
+    if t.lr is not None and t.lr <= 0:
         raise RecipeError(f"train.lr: must be > 0, got {t.lr}")
     if not 0 <= t.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     if t.max_steps == 0 or t.max_steps < -1:
         raise RecipeError(f"train.max_steps: must be -1 (from epochs) or >= 1, got {t.max_steps}")
-    if t.max_steps == -1 and t.epochs <= 0:
+    if t.max_steps == -1 and t.epochs is not None and t.epochs <= 0:
         raise RecipeError(f"train.epochs: must be > 0, got {t.epochs}")
     if t.metric not in ("auto", "accuracy", "macro_f1", "loss"):
         raise RecipeError(f"train.metric: {t.metric!r} is not one of ['auto', 'accuracy', 'macro_f1', 'loss']")
@@ -204,7 +218,8 @@ def field_help() -> list[tuple[str, str, str]]:
     """(key, default, help) for every recipe field, methods included: the ``--help`` listing."""
     from slimtune.methods import get_method, method_names  # loads torch: config stays lean
 
-    rows: list[tuple[str, str, str]] = [("output", "None", Recipe.__dataclass_fields__["output"].metadata["help"])]
+    rows: list[tuple[str, str, str]] = [(k, d, Recipe.__dataclass_fields__[k].metadata["help"])
+                                        for k, d in (("output", "None"), ("overwrite", "False"))]
     for sec, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -28,7 +28,7 @@ import torch
 
 from slimtune.data.chat import ChatRenderer, load_chat, references, tokenize_chat
 from slimtune.data.datasets import TokenizedData
-from slimtune.evaluate.evaluator import classification_metrics, evaluate_causal_lm
+from slimtune.evaluate.metrics import classification_metrics, evaluate_causal_lm
 from slimtune.runtime.generate import SamplingConfig, generate_ids, prompt_ids
 
 SHORT_WORDS = 5
@@ -88,7 +88,7 @@ def evaluate_chat(model: torch.nn.Module, tokenizer: Any, data: TokenizedData, *
         max_new_tokens: answer length cap; None: the longest reference (in tokens) + 16.
         samples: how many prompt / reference / generated triples to keep.
         template_mode: the chat template mode used in training (``data.chat_template``).
-        ppl: :func:`~slimtune.evaluate.evaluator.evaluate_causal_lm` of ``model`` on ``data``
+        ppl: :func:`~slimtune.evaluate.metrics.evaluate_causal_lm` of ``model`` on ``data``
             when already computed (it is the answer perplexity: the labels mask the prompts).
     """
     ppl = ppl or evaluate_causal_lm(model, data, batch_size)

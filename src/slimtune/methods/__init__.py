@@ -37,6 +37,10 @@ class Method(Protocol):
 
     name: str
     config_cls: type
+    defaults: dict[str, Any]
+    """The method's own defaults for recipe keys left unset (``train.lr``, ``train.epochs``,
+    ``train.min_steps``; see :mod:`slimtune.config.defaults`), e.g. ``{"train.lr": 1e-3}``.
+    Optional ``task_defaults = {"causal-lm": {...}}`` overrides them per task."""
 
     def apply(self, model: torch.nn.Module, cfg: Any, ctx: MethodContext) -> torch.nn.Module:
         """Wrap/modify ``model``; leave exactly the method's parameters trainable."""

@@ -259,6 +259,9 @@ def _state(model: torch.nn.Module) -> _PruneState:
 
 
 class MagnitudeMethod:
+    # Every remaining weight trains, as in full fine-tuning; gradual pruning needs the steps
+    # of its schedule to recover, hence the higher floor.
+    defaults = {"train.lr": 1e-4, "train.epochs": 3.0, "train.min_steps": 400}
     name = "magnitude"
     config_cls = MagnitudeConfig
 

@@ -131,7 +131,10 @@ def check_exists(name: str) -> None:
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer; give it a pad token (EOS) if it has none, as decoder LMs often don't."""
 
-    tok = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    except OSError as e:  # a missing folder, an unknown hub id offline, an unreadable file: one line
+        raise ModelError(f"{name}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

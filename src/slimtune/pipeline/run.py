@@ -213,6 +213,12 @@ def _check_stage_settings(cfg: Any, section: str, recipe: Any) -> None:
         raise RecipeError("evaluate.eval: no file (and no data.eval)")
 
 
+def _fixed(max_length: Any) -> int | None:
+    """``data.max_length`` for a stage with a fixed one: None (the stage's own default) for ``auto``,
+    which only a training stage resolves (it reads the data with the model's tokenizer)."""
+    return None if max_length == "auto" else max_length
+
+
 def _prune_settings(cfg: PruneSettings, recipe: Any, given: dict[str, Any]) -> PruneSettings:
     """The ``prune:`` section completed and checked before the previous stage's folder exists.
 
@@ -222,9 +228,9 @@ def _prune_settings(cfg: PruneSettings, recipe: Any, given: dict[str, Any]) -> P
     """
     check_pipeline_fills(cfg, "prune")
     d = recipe.data
-    shared = {"train": d.train, "eval": d.eval, "max_length": d.max_length, "max_train_samples": d.max_train_samples,
+    shared = {"train": d.train, "eval": d.eval, "max_length": _fixed(d.max_length), "max_train_samples": d.max_train_samples,
               "max_eval_samples": d.max_eval_samples, "seed": recipe.train.seed}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in shared.items() if k not in given})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in shared.items() if k not in given and not (k == "max_length" and v is None)})
     check_ranges(cfg, "prune")
     cfg.validate(check_model=False)
     return cfg
@@ -236,8 +242,8 @@ def _quantize_settings(cfg: QuantizeSettings, recipe: Any, given: dict[str, Any]
     when the stage runs."""
     check_pipeline_fills(cfg, "quantize")
     d = recipe.data
-    shared = {"eval": d.eval, "train": d.train, "max_eval_samples": d.max_eval_samples, "max_length": d.max_length}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in shared.items() if k not in given})
+    shared = {"eval": d.eval, "train": d.train, "max_eval_samples": d.max_eval_samples, "max_length": _fixed(d.max_length)}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in shared.items() if k not in given and not (k == "max_length" and v is None)})
     check_ranges(cfg, "quantize")
     cfg.validate(check_model=False)
     return cfg
@@ -335,16 +341,21 @@ def run_pipeline(plan: Plan, *, force: bool = False, log: Any = None) -> dict[st
                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         say(f"{d.name}: running")
         t0 = time.monotonic()
+        # stage.json owns the stage folder: a stage that reruns replaces a result it left (a crash
+        # after the result, before "done"); an interrupted training stage resumes (no result yet)
+        replace = (d / "metrics.json").is_file()
         if name == "finetune":
 
-            tree = deep_merge(plan.tree, {"output": str(d), "train": cfg.train, "method": cfg.method})
+            tree = deep_merge(plan.tree, {"output": str(d), "overwrite": replace, "train": cfg.train,
+                                          "method": cfg.method})
             run_finetune(resolve(tree, plan.source))
         elif name == "distill":
 
-            tree = deep_merge(plan.tree, {"output": str(d), "model": {"name": current}, "train": cfg["train"]})
+            tree = deep_merge(plan.tree, {"output": str(d), "overwrite": replace, "model": {"name": current},
+                                          "train": cfg["train"]})
             run_distill(resolve(tree, plan.source), cfg["distill"])
         elif name == "prune":
-            run_prune(dataclasses.replace(cfg, model=current, output=str(d)))  # atomic, like quantize
+            run_prune(dataclasses.replace(cfg, model=current, output=str(d), overwrite=True))  # atomic, like quantize
         elif name == "quantize":
             _run_quantize(plan, cfg, current, d)
         elif name == "evaluate":
@@ -370,7 +381,7 @@ def run_pipeline(plan: Plan, *, force: bool = False, log: Any = None) -> dict[st
 def _run_quantize(plan: Plan, cfg: QuantizeSettings, current: str, d: Path) -> None:
     """Quantize the previous stage's model into ``d`` (its data paths were filled at validation)."""
     # run_quantize replaces the folder atomically when done (stage.json is rewritten after it)
-    run_quantize(dataclasses.replace(cfg, model=current, output=str(d)))
+    run_quantize(dataclasses.replace(cfg, model=current, output=str(d), overwrite=True))
     _restore_threads()
 
 
@@ -389,7 +400,7 @@ def _run_evaluate(plan: Plan, cfg: EvaluateSettings, models: dict[str, str], d: 
     results = {}
     for name, m in models.items():
         results[name] = evaluate_model_dir(m, path, max_eval_samples=cfg.max_eval_samples,
-                                           max_length=cfg.max_length or data.get("max_length"),
+                                           max_length=cfg.max_length or _fixed(data.get("max_length")),
                                            batch_size=cfg.batch_size, text_column=cfg.text_column,
                                            text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
                                            encoding=cfg.encoding, skip_bad_rows=cfg.skip_bad_rows)

@@ -77,7 +77,7 @@ class CompressSettings:
     max_eval_samples: int | None = setting(None, "Evaluate on N rows of --eval (a seeded sample; default all).", ge=1)
     max_length: int = setting(128, "Tokens per example for training and evaluation.", ge=1)
     epochs: float = setting(1.0, "Distillation epochs.", gt=0)
-    lr: float = setting(1e-4, "Learning rate of distillation and recovery.", gt=0)
+    lr: float | None = setting(None, "Learning rate of distillation and recovery (None: the full method's declared default, 1e-4; the student trains in full).", gt=0)
     batch_size: int = setting(32, "Training batch size.", ge=1)
     recover_steps: int = setting(200, "KD recovery steps after FFN pruning.", ge=0)
     alpha: float = setting(0.5, "Weight of hard-label CE in distillation (1 - alpha on the KD term).", ge=0, le=1)
@@ -364,7 +364,7 @@ def _try_depth(S: Search, base: dict[str, Any], cfg: dict[str, Any], d: int, voc
         tree = {"output": str(out), "model": {"name": base["path"]},
                 "data": {"train": s.train, "eval": s.eval, "max_length": s.max_length,
                          "max_train_samples": s.max_train_samples, "max_eval_samples": s.max_eval_samples},
-                "train": {"epochs": s.epochs, "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
+                "train": {"epochs": s.epochs, "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,  # lr None: method default
                           "tensorboard": False, "progress": False, "resume": False, "log_every": 10},
                 "method": {"name": "full"}}
         recipe = resolve(tree, "compress")

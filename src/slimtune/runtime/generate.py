@@ -313,8 +313,7 @@ def load_for_generation(model: str | os.PathLike, adapter: str | os.PathLike | N
             base = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
             if not base:
                 raise ModelError(f"{cfg_path}: no base_model_name_or_path; pass --model BASE --adapter {adapter_dir}")
-        # optional dependency (slimtune[peft]): only adapter folders need it
-        from peft import PeftModel
+        from peft import PeftModel  # optional dependency (the peft extra): adapter folders only
 
         lm = PeftModel.from_pretrained(load_model(base, "causal-lm", dtype=dtype), str(adapter_dir))
         if merge and hasattr(lm, "merge_and_unload"):

@@ -7,6 +7,11 @@ Everything a run writes goes to ``recipe.output``:
 - ``metrics.json``: accuracy, macro_f1, per-class report (or perplexity), params, size_mb, timing.
 - ``metrics.jsonl`` and ``tensorboard/``: training curves. ``recipe.yaml``: the resolved recipe.
 
+Nothing is written before the recipe, the output folder (:mod:`slimtune.config.outputs`: a
+finished run is replaced only with ``overwrite``), the data and the model were checked, and an
+unfinished run in the folder is resumed only if its checkpoint's fingerprint
+(:mod:`slimtune.train.fingerprint`) is this run's.
+
 Under torchrun (``slimtune finetune --nproc N``) every rank runs this; rank 0 alone writes the
 recipe, exports and evaluates; the other ranks return after training (see docs/distributed.md).
 """
@@ -22,10 +27,13 @@ from typing import Any
 
 import torch
 
+from slimtune.config.defaults import provenance_lines
+from slimtune.config.outputs import check_output, clear_output
 from slimtune.config.recipe import Recipe
 from slimtune.data.chat import is_chat_data, prepare_chat_data
 from slimtune.data.datasets import (
     ClassificationData,
+    DataError,
     TokenizedData,
     load_classification,
     read_text_files,
@@ -37,9 +45,11 @@ from slimtune.evaluate.evaluator import evaluate_causal_lm, evaluate_classifier,
 from slimtune.evaluate.generation import sft_summary
 from slimtune.io import update_json, weights_size_mb
 from slimtune.methods import MethodContext, get_method
-from slimtune.models.loading import count_params, load_model, load_tokenizer, resolve
+from slimtune.models.loading import check_exists, count_params, load_model, load_tokenizer, resolve
 from slimtune.train import distributed
-from slimtune.train.loop import peak_rss_mb, plan_steps, train
+from slimtune.train.auto import resolve_max_length
+from slimtune.train.fingerprint import check_same_run, recipe_fingerprint
+from slimtune.train.loop import latest_checkpoint, peak_rss_mb, plan_steps, train
 
 
 def seed_everything(seed: int) -> None:
@@ -61,6 +71,29 @@ def _read_classification(recipe: Recipe) -> tuple[ClassificationData, Classifica
     return tr, ev
 
 
+def print_provenance(recipe: Recipe, total_steps: int) -> None:
+    """Print every defaulted value with its source (``train.lr = 0.001 (default of method lora)``)."""
+    for line in provenance_lines(recipe.provenance):
+        print(f"[slimtune] {line}", file=sys.stderr)
+    print(f"[slimtune] {total_steps} optimizer steps", file=sys.stderr)
+
+
+def resolve_data_defaults(recipe: Recipe) -> None:
+    """Resolve ``data.max_length: auto`` as the run will (tokenizer + data files, no weights):
+    what ``--print-config`` shows. Nothing to do without ``data.train``; a model whose tokenizer
+    cannot be read (yet) leaves ``auto`` (the run resolves it, or says what is wrong)."""
+    if recipe.data.max_length != "auto" or recipe.data.train is None:
+        return
+    try:
+        tokenizer = load_tokenizer(recipe.model.name, recipe.model.trust_remote_code)
+        if recipe.model.task == "classification":
+            resolve_max_length(recipe, tokenizer, list(_read_classification(recipe)))
+        else:
+            resolve_max_length(recipe, tokenizer)
+    except (OSError, ValueError, DataError):  # no such model or unreadable data: still printed, with auto
+        return
+
+
 def check_data(recipe: Recipe) -> list[str] | None:
     """Read a classification recipe's data as the run will (no tokenizer, no weights).
 
@@ -80,8 +113,10 @@ def prepare_data(recipe: Recipe, tokenizer: Any) -> tuple[TokenizedData, Tokeniz
     d, t = recipe.data, recipe.train
     if recipe.model.task == "classification":
         tr, ev = _read_classification(recipe)
+        resolve_max_length(recipe, tokenizer, [tr, ev])  # data.max_length: auto -> from these files
         return (tokenize_classification(tr, tokenizer, d.max_length),
                 tokenize_classification(ev, tokenizer, d.max_length) if ev else None, tr.label_names)
+    resolve_max_length(recipe, tokenizer)  # data.max_length: auto -> the causal-lm default
     if is_chat_data(d.train, d.format, d.encoding):  # chat/instruction JSONL: SFT, loss on the answers only
         return prepare_chat_data(d, tokenizer, t.seed)
     blocks = tokenize_causal(read_text_files(d.train, d.encoding), tokenizer, d.max_length)
@@ -125,17 +160,55 @@ def export_model(method: Any, model: torch.nn.Module, method_cfg: Any, ctx: Meth
     return final
 
 
+def guard_output(recipe: Recipe, out: Path, *inputs: str | None) -> str:
+    """Before anything loads: the model exists and ``out`` may be written; return the folder's state.
+
+    Raises ModelError for a missing model and RecipeError for a folder that must not be written
+    (a finished run without ``overwrite``, files slimtune did not write, one of ``inputs``).
+    """
+    check_exists(recipe.model.name)
+    return check_output(out, overwrite=recipe.overwrite, inputs=(recipe.model.name, *inputs))
+
+
+def run_fingerprint(recipe: Recipe, out: Path, state: str) -> dict[str, Any]:
+    """The run's fingerprint, checked against the folder's newest checkpoint before anything is written.
+
+    Call it once the recipe is final (``data.max_length: auto`` resolved). Raises ResumeError
+    naming what changed when the checkpoint would be resumed but comes from another run.
+    """
+    fp = recipe_fingerprint(recipe.to_dict())
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if state == "unfinished" and recipe.train.resume and not recipe.overwrite and ckpt is not None:
+        check_same_run(ckpt, fp, recipe_only=True)
+    return fp
+
+
+def open_output(recipe: Recipe, out: Path, state: str) -> None:
+    """The run writes from here: clear an overwritten folder, create it, save ``recipe.yaml`` (rank 0)."""
+    if distributed.is_main():
+        if recipe.overwrite and state != "new":
+            clear_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+        recipe.save(out / "recipe.yaml")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+
+
 def run_finetune(recipe: Recipe) -> dict[str, Any]:
     """Run a whole fine-tune as the recipe says; return the metrics written to ``metrics.json``."""
     t, m = recipe.train, recipe.model
     out = Path(recipe.output or "outputs/run")
+    state = guard_output(recipe, out)
     multi = distributed.init_distributed()  # no-op unless launched by torchrun
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)  # the same on every rank: identical initial weights (LoRA init, heads)
     tokenizer = load_tokenizer(m.name, m.trust_remote_code)
     train_data, eval_data, labels = prepare_data(recipe, tokenizer)
+    fingerprint = run_fingerprint(recipe, out, state)
     total_steps = plan_steps(len(train_data), t)
+    if distributed.is_main():
+        print_provenance(recipe, total_steps)
     device = distributed.device() if multi else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # FSDP shards from the CPU copy (each shard goes to its device): the whole model never
     # has to fit one device.
@@ -163,11 +236,9 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
     if eval_data is not None:
         def eval_fn(mdl: torch.nn.Module) -> dict[str, Any]:
             return evaluate_any(mdl, eval_data, m.task, labels, t.eval_batch_size)
-    out.mkdir(parents=True, exist_ok=True)  # data, model and method are good: the run writes from here
-    if distributed.is_main():
-        recipe.save(out / "recipe.yaml")
-    summary = train(model, method, recipe.method, train_data, t, out, total_steps=total_steps,
-                    eval_fn=eval_fn, metric=metric, group_by_length=recipe.data.group_by_length)
+    open_output(recipe, out, state)  # data, model and method are good: the run writes from here
+    summary = train(model, method, recipe.method, train_data, t, out, total_steps=total_steps, eval_fn=eval_fn,
+                    metric=metric, group_by_length=recipe.data.group_by_length, fingerprint=fingerprint)
     if not distributed.is_main():
         return {"rank": distributed.rank(), "train": summary}  # rank 0 exports and evaluates
     if sft:

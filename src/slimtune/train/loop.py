@@ -6,7 +6,10 @@ distillation changes the loss (``loss_fn``). The loop itself never looks at a me
 Resumability: a checkpoint holds the trainable weights, optimizer and scheduler state, the
 RNG state and the position in the epoch (batches are a pure function of seed and epoch). It is
 written to a temp folder and renamed, so SIGKILL at any moment leaves the previous checkpoint
-intact; the same command restarted continues bit-for-bit where it stopped.
+intact; the same command restarted continues bit-for-bit where it stopped. Everything in it is
+safetensors or JSON (no pickle is ever loaded), and ``fingerprint.json`` records the run that
+wrote it (:mod:`slimtune.train.fingerprint`): a resume whose recipe, data or model differ, or
+whose saved position does not fit the data, stops with one line instead of continuing another run.
 
 Data parallelism (torchrun, ``--nproc N``): the loop runs on every rank through a
 :class:`slimtune.train.distributed.Parallel` (DDP, or FSDP2 with ``train.fsdp``). ``batch_size`` stays
@@ -35,11 +38,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from slimtune.config.defaults import FALLBACK
 from slimtune.config.recipe import TrainConfig
-from slimtune.data.datasets import TokenizedData, collate, epoch_batches, num_batches
+from slimtune.data.datasets import DataError, TokenizedData, collate, epoch_batches, num_batches
 from slimtune.io import atomic_dir, atomic_write_text
 from slimtune.methods import load_trainable_state, trainable_state
 from slimtune.train.distributed import Parallel, all_reduce_sum, barrier, broadcast_object
+from slimtune.train.fingerprint import ResumeError, check_same_run, write_fingerprint
+from slimtune.train.state_file import load_state, save_state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,11 +62,17 @@ def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 
 
 def plan_steps(n_examples: int, cfg: TrainConfig) -> int:
-    """Optimizer steps the run will take (needed before training by LR schedules and AdaLoRA)."""
+    """Optimizer steps the run will take (needed before training by LR schedules and AdaLoRA).
+
+    ``max_steps`` if set, else ``epochs`` passes, but at least ``min_steps`` (the floor that keeps
+    a small file from being under-trained; the loop then runs more epochs). Unset (None) epochs
+    and floor, on a TrainConfig built without a recipe, are :data:`~slimtune.config.defaults.FALLBACK`'s.
+    """
     if cfg.max_steps > 0:
         return cfg.max_steps
     per_epoch = math.ceil(num_batches(n_examples, cfg.batch_size) / cfg.grad_accum)
-    return max(1, math.ceil(cfg.epochs * per_epoch))
+    epochs = FALLBACK["train.epochs"] if cfg.epochs is None else cfg.epochs
+    return max(1, math.ceil(epochs * per_epoch), cfg.min_steps or 0)
 
 
 def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
@@ -93,7 +105,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     # than the per-tensor loop on MiniLM here. It needs floating params on one device type.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) and \
         len({p.device.type for p in params}) == 1
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+    lr = FALLBACK["train.lr"] if cfg.lr is None else cfg.lr  # None: a TrainConfig built without a recipe
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -140,39 +153,48 @@ def _rng_state() -> dict[str, Any]:
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
                     sched: Any, state: LoopState, extra: dict[str, Any] | None = None,
-                    dp: Parallel | None = None) -> None:
+                    dp: Parallel | None = None, fingerprint: dict[str, Any] | None = None) -> None:
     """Write a resumable checkpoint atomically (temp folder + rename).
 
+    Files: ``trainable.safetensors``, ``optimizer.safetensors`` (optimizer, scheduler and torch
+    RNG state; :mod:`slimtune.train.state_file`, no pickle), ``state.json`` (position, Python
+    RNG) and, given ``fingerprint``, ``fingerprint.json`` (the run that wrote it).
+
     With ``dp`` distributed, every rank must call it: weights and optimizer state are gathered
-    unsharded (the single-process format), every rank's RNG is kept in ``rng_ranks.pt``, rank 0
-    writes, and all ranks wait until the checkpoint is complete.
+    unsharded (the single-process format), every rank's RNG is kept in ``rng_ranks.safetensors``,
+    rank 0 writes, and all ranks wait until the checkpoint is complete.
     """
     if dp is not None and dp.distributed:
-        _save_checkpoint_distributed(path, opt, sched, state, extra, dp)
+        _save_checkpoint_distributed(path, opt, sched, state, extra, dp, fingerprint)
         return
     with atomic_dir(path) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         rng = _rng_state()
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "torch_rng": rng["torch"], "cuda_rng": rng.get("cuda")}, tmp / "optimizer.pt")
+        save_state(tmp / "optimizer.safetensors", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                   "torch_rng": rng["torch"], "cuda_rng": rng.get("cuda")})
         meta = {"state": asdict(state), "python_rng": _pyrng_to_json(rng["python"]), **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        if fingerprint is not None:
+            write_fingerprint(tmp, fingerprint)
 
 
 def _save_checkpoint_distributed(path: Path, opt: torch.optim.Optimizer, sched: Any, state: LoopState,
-                                 extra: dict[str, Any] | None, dp: Parallel) -> None:
+                                 extra: dict[str, Any] | None, dp: Parallel,
+                                 fingerprint: dict[str, Any] | None) -> None:
     weights = dp.trainable_state()  # collectives first, on every rank, in the same order
     optim = dp.optimizer_state(opt)
     rngs = dp.rng_states()
     if dp.is_main:
         with atomic_dir(path) as tmp:
             save_file(weights, str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": optim, "scheduler": sched.state_dict(), "torch_rng": rngs[0]["torch"],
-                        "cuda_rng": None}, tmp / "optimizer.pt")
-            torch.save(rngs, tmp / "rng_ranks.pt")
+            save_state(tmp / "optimizer.safetensors", {"optimizer": optim, "scheduler": sched.state_dict(),
+                                                       "torch_rng": rngs[0]["torch"], "cuda_rng": None})
+            save_state(tmp / "rng_ranks.safetensors", rngs)
             meta = {"state": asdict(state), "python_rng": _pyrng_to_json(random.getstate()),
                     "world_size": dp.world, "parallel": dp.kind, **(extra or {})}
             (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+            if fingerprint is not None:
+                write_fingerprint(tmp, fingerprint)
     barrier()  # nobody reads or prunes a checkpoint before it is complete
 
 
@@ -189,20 +211,20 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     """
     if dp is not None and dp.distributed:
         dp.load_trainable_state(load_file(str(path / "trainable.safetensors")))
-        blob = torch.load(path / "optimizer.pt", weights_only=True)
+        blob = load_state(path / "optimizer.safetensors")
         dp.load_optimizer_state(opt, blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
         meta = json.loads((path / "state.json").read_text())
         st = LoopState(**meta["state"])
-        ranks = path / "rng_ranks.pt"
+        ranks = path / "rng_ranks.safetensors"
         torch.set_rng_state(blob["torch_rng"])
-        dp.set_rng(torch.load(ranks, weights_only=True) if ranks.is_file() else None, seed, st.step)
+        dp.set_rng(load_state(ranks) if ranks.is_file() else None, seed, st.step)
         v, s, g = meta["python_rng"]
         random.setstate((v, tuple(s), g))
         return st
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    # weights_only=True: tensors and plain containers only, never arbitrary pickled code.
-    blob = torch.load(path / "optimizer.pt", weights_only=True)
+    # safetensors + JSON structure (slimtune.train.state_file): no pickle is loaded
+    blob = load_state(path / "optimizer.safetensors")
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
@@ -295,6 +317,7 @@ class _Loop:
     scaler: Any
     state: LoopState
     resumed: Path | None
+    fingerprint: dict[str, Any] | None = None  # the run's identity, saved in (and checked against) checkpoints
     log: Any = None
     progress: Any = None
     grad_norm: Any = None  # the last step's global gradient norm before clipping (clipping on)
@@ -308,7 +331,7 @@ class _Loop:
 def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedData,
           cfg: TrainConfig, out_dir: Path, *, total_steps: int, eval_fn: EvalFn | None = None,
           metric: str = "accuracy", loss_fn: LossFn = default_loss,
-          group_by_length: bool = True) -> dict[str, Any]:
+          group_by_length: bool = True, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``model`` in place; return a summary (steps, best metric, timing, memory).
 
     Under torchrun every rank calls this with the same arguments (see :mod:`slimtune.train.distributed`);
@@ -327,9 +350,15 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
         metric: key of ``eval_fn``'s result that picks the best checkpoint ('loss' is minimised).
         loss_fn: computes the scalar loss of a batch (distillation passes its own).
         group_by_length: batch examples of similar length together (see data.epoch_batches).
+        fingerprint: what identifies the run (:func:`slimtune.train.fingerprint.recipe_fingerprint`);
+            the loop adds its own derived values. Saved in every checkpoint; a checkpoint whose
+            fingerprint differs is never resumed (:class:`~slimtune.train.fingerprint.ResumeError`).
     """
+    if len(data) == 0:
+        raise DataError("the training data holds no examples: nothing to train on")
+    fp = {**(fingerprint or {}), **_loop_fingerprint(data, cfg, total_steps, method, group_by_length)}
     loop = _setup_loop(model, method, method_cfg, data, cfg, Path(out_dir), total_steps=total_steps,
-                       eval_fn=eval_fn, metric=metric, loss_fn=loss_fn)
+                       eval_fn=eval_fn, metric=metric, loss_fn=loss_fn, fingerprint=fp)
     lengths = data.lengths()
     # raw-LM blocks are equal-length; chat SFT examples are not
     grouped = group_by_length and (not data.causal or data.token_labels is not None)
@@ -337,12 +366,27 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
     stop = False
     while loop.state.step < total_steps and not stop:
         batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, loop.state.epoch, group_by_length=grouped)
+        before = (loop.state.step, loop.state.epoch)
         stop = _run_epoch(loop, batches)
+        if (loop.state.step, loop.state.epoch) == before:  # never spin: every pass must move on
+            raise ResumeError(f"no step possible at epoch {loop.state.epoch}, batch {loop.state.batch} of "
+                              f"{len(batches)}; start fresh with --no-resume")
     return _finish(loop, stop)
 
 
+def _loop_fingerprint(data: TokenizedData, cfg: TrainConfig, total_steps: int, method: Any,
+                      group_by_length: bool) -> dict[str, Any]:
+    """What the loop derives and a checkpoint's position depends on (``loop.*`` keys)."""
+    keys = ("batch_size", "grad_accum", "seed", "lr", "weight_decay", "warmup_ratio", "scheduler",
+            "max_grad_norm", "precision", "fsdp")
+    return {"loop.examples": len(data), "loop.batches_per_epoch": num_batches(len(data), cfg.batch_size),
+            "loop.total_steps": total_steps, "loop.method": getattr(method, "name", type(method).__name__),
+            "loop.group_by_length": group_by_length, **{f"loop.{k}": getattr(cfg, k) for k in keys}}
+
+
 def _setup_loop(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedData, cfg: TrainConfig,
-                out_dir: Path, *, total_steps: int, eval_fn: EvalFn | None, metric: str, loss_fn: LossFn) -> _Loop:
+                out_dir: Path, *, total_steps: int, eval_fn: EvalFn | None, metric: str, loss_fn: LossFn,
+                fingerprint: dict[str, Any] | None = None) -> _Loop:
     """Wrap the model for data parallelism, build optimizer/scheduler/scaler, resume, open the log."""
     dp = Parallel(model, fsdp=cfg.fsdp, find_unused_parameters=cfg.ddp_find_unused_parameters)
     if dp.kind == "fsdp" and cfg.precision == "fp16":
@@ -355,7 +399,7 @@ def _setup_loop(model: torch.nn.Module, method: Any, method_cfg: Any, data: Toke
     scaler = torch.amp.GradScaler(dp.device.type, enabled=cfg.precision == "fp16")
     loop = _Loop(dp=dp, net=dp.net, model=dp.module, cfg=cfg, data=data, method=method, method_cfg=method_cfg,
                  loss_fn=loss_fn, eval_fn=eval_fn, metric=metric, total_steps=total_steps, ckpt_dir=ckpt_dir,
-                 opt=opt, sched=sched, scaler=scaler, state=LoopState(), resumed=None)
+                 opt=opt, sched=sched, scaler=scaler, state=LoopState(), resumed=None, fingerprint=fingerprint)
     _setup_resume(loop)
     loop.log = MetricsLog(out_dir, loop.state.step, cfg.tensorboard) if dp.is_main else _NullLog()
     loop.progress = _progress(cfg, total_steps, loop.state.step, dp.is_main)
@@ -363,9 +407,21 @@ def _setup_loop(model: torch.nn.Module, method: Any, method_cfg: Any, data: Toke
 
 
 def _setup_resume(loop: _Loop) -> None:
-    """Continue from the newest checkpoint (``train.resume``); rank 0's view of the folder decides."""
+    """Continue from the newest checkpoint (``train.resume``); rank 0's view of the folder decides.
+
+    The checkpoint must have been written by this run (its ``fingerprint.json`` equal to this
+    run's) and its position must fit the data; otherwise ResumeError, before anything changes.
+    Without ``train.resume`` the folder's old checkpoints are removed: a fresh run never mixes
+    its checkpoints with another run's.
+    """
     cfg, dp = loop.cfg, loop.dp
     resumed = latest_checkpoint(loop.ckpt_dir) if cfg.resume else None
+    if resumed is not None:
+        if loop.fingerprint is not None:
+            check_same_run(resumed, loop.fingerprint)
+        _check_position(resumed, num_batches(len(loop.data), cfg.batch_size), loop.total_steps)
+    if not cfg.resume and dp.is_main and loop.ckpt_dir.is_dir():
+        shutil.rmtree(loop.ckpt_dir)
     if dp.distributed:
         resumed = broadcast_object(resumed)
         dp.seed_ranks(cfg.seed)
@@ -374,6 +430,18 @@ def _setup_resume(loop: _Loop) -> None:
         if dp.is_main:
             print(f"[slimtune] resuming from {resumed} (step {loop.state.step}/{loop.total_steps})", file=sys.stderr)
     loop.resumed = resumed
+
+
+def _check_position(ckpt: Path, n_batches: int, total_steps: int) -> None:
+    """A saved position (``state.json``) must index this data: batch in [0, batches per epoch), step <= total."""
+    try:
+        st = LoopState(**json.loads((ckpt / "state.json").read_text())["state"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ResumeError(f"{ckpt / 'state.json'}: unreadable ({e}); start fresh with --no-resume") from None
+    if not (0 <= st.batch < n_batches and 0 <= st.step <= total_steps and st.epoch >= 0):
+        raise ResumeError(f"{ckpt}: saved position (step {st.step}, epoch {st.epoch}, batch {st.batch}) does not "
+                          f"fit this run ({n_batches} batches per epoch, {total_steps} steps); start fresh with "
+                          f"--no-resume (train.resume=false) or use a new --output")
 
 
 def _run_epoch(loop: _Loop, batches: list[list[int]]) -> bool:
@@ -399,7 +467,8 @@ def _run_epoch(loop: _Loop, batches: list[list[int]]) -> bool:
             last or (st.step % cfg.eval_every == 0 if cfg.eval_every > 0 else epoch_end))
         stop = _evaluate(loop) if do_eval else False
         if do_eval or (cfg.save_every > 0 and st.step % cfg.save_every == 0) or last or stop:
-            save_checkpoint(loop.ckpt_dir / f"step-{st.step:07d}", loop.model, loop.opt, loop.sched, st, dp=loop.dp)
+            save_checkpoint(loop.ckpt_dir / f"step-{st.step:07d}", loop.model, loop.opt, loop.sched, st, dp=loop.dp,
+                            fingerprint=loop.fingerprint)
             if loop.dp.is_main:
                 _prune_checkpoints(loop.ckpt_dir, cfg.keep_checkpoints)
         if stop or epoch_end:

@@ -55,7 +55,16 @@ from slimtune.models.loading import (
     resolve,
 )
 from slimtune.train import distributed
-from slimtune.train.finetune import evaluate_any, export_model, prepare_data, seed_everything
+from slimtune.train.finetune import (
+    evaluate_any,
+    export_model,
+    guard_output,
+    open_output,
+    prepare_data,
+    print_provenance,
+    run_fingerprint,
+    seed_everything,
+)
 from slimtune.train.loop import peak_rss_mb, plan_steps, train
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +326,8 @@ class _Distill:
     student: Any = None
     kept: list[int] | None = None
     cache: Any = None  # the teacher-logit cache of the training data (None: live teacher)
+    out_state: str = "new"  # slimtune.config.outputs.output_state of ``out`` when the run started
+    fingerprint: dict[str, Any] | None = None  # slimtune.train.fingerprint: saved in every checkpoint
 
 
 def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any]:
@@ -334,14 +345,16 @@ def run_distill(recipe: Any, dcfg: DistillConfig | None = None) -> dict[str, Any
             raise RecipeError("distill: the recipe has no distill section (say how to build the student)")
         dcfg = recipe.distill
     t, m = recipe.train, recipe.model
+    out = Path(recipe.output or "outputs/distill")
+    state = guard_output(recipe, out, dcfg.student)  # before anything loads or is written
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     seed_everything(t.seed)
     distributed.init_distributed()  # under torchrun: join the group, pick this rank's GPU
-    run = _Distill(recipe=recipe, dcfg=dcfg, out=Path(recipe.output or "outputs/distill"),
-                   device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                   teacher_path=resolve(m.name), causal=m.task == "causal-lm")
+    run = _Distill(recipe=recipe, dcfg=dcfg, out=out, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                   teacher_path=resolve(m.name), causal=m.task == "causal-lm", out_state=state)
     _setup_data(run)
+    run.fingerprint = run_fingerprint(dataclasses.replace(recipe, distill=dcfg), out, state)
     _setup_teacher(run)
     _setup_student(run)
     need_teacher, use_cache = teacher_cache_policy(dcfg, run.causal, run.s_train is run.t_train)
@@ -451,6 +464,8 @@ def _train_and_export(run: _Distill, result: dict[str, Any]) -> dict[str, Any]:
     """The one training loop with the distillation loss, then export and evaluate (rank 0)."""
     recipe, dcfg, t, m = run.recipe, run.dcfg, run.recipe.train, run.recipe.model
     total_steps = plan_steps(len(run.s_train), t)
+    if distributed.is_main():
+        print_provenance(recipe, total_steps)  # lr, epochs, max_length: the values and their sources
     method = get_method(recipe.method_name)
     ctx = MethodContext(task=m.task, total_steps=total_steps, base_model=str(dcfg.student or run.teacher_path))
     student = method.apply(run.student, recipe.method, ctx)
@@ -468,11 +483,10 @@ def _train_and_export(run: _Distill, result: dict[str, Any]) -> dict[str, Any]:
         def eval_fn(mdl: Any) -> dict[str, Any]:
             return evaluate_any(mdl, s_eval, m.task, labels, t.eval_batch_size)
     params_trained = count_params(student, trainable_only=True)
-    run.out.mkdir(parents=True, exist_ok=True)  # all is checked and loaded: the run writes from here
-    if distributed.is_main():
-        dataclasses.replace(recipe, distill=dcfg).save(run.out / "recipe.yaml")
+    open_output(dataclasses.replace(recipe, distill=dcfg), run.out, run.out_state)  # all checked: writes from here
     summary = train(student, method, recipe.method, run.s_train, t, run.out, total_steps=total_steps,
-                    eval_fn=eval_fn, metric=metric, loss_fn=loss_fn, group_by_length=recipe.data.group_by_length)
+                    eval_fn=eval_fn, metric=metric, loss_fn=loss_fn, group_by_length=recipe.data.group_by_length,
+                    fingerprint=run.fingerprint)
     if not distributed.is_main():
         return {"rank": distributed.rank(), "train": summary}  # rank 0 exports and evaluates
     detach_projection(student)

@@ -38,7 +38,9 @@ from slimtune.compress.distill.losses import kd_loss
 from slimtune.compress.inputs import check_classifier_model, check_file
 from slimtune.compress.prune.structured import HEADS_UNSUPPORTED, prune_structured
 from slimtune.compress.prune.vocab import prune_vocabulary, read_corpus_texts
+from slimtune.config.defaults import method_defaults
 from slimtune.config.fields import RecipeError, check_ranges, save_settings, setting
+from slimtune.config.outputs import check_output
 from slimtune.config.recipe import DataConfig, ModelConfig, Recipe, TrainConfig
 from slimtune.data.datasets import load_classification, tokenize_classification
 from slimtune.evaluate.evaluator import evaluate_classifier
@@ -61,10 +63,11 @@ class PruneSettings:
     ``max_eval_samples``/``seed`` from the shared sections when the section does not set them.
     """
 
-    PIPELINE_FILLS: ClassVar[tuple[str, ...]] = ("model", "output")  # slimtune run sets these
+    PIPELINE_FILLS: ClassVar[tuple[str, ...]] = ("model", "output", "overwrite")  # slimtune run sets these
 
     model: str | None = setting(None, "Fine-tuned classifier folder, or the packaged alias minilm / minilm-l3; required (the pipeline fills in the previous stage's folder).")
     output: str | None = setting(None, "Output folder, replaced atomically when complete; required (the pipeline fills in the stage folder).")
+    overwrite: bool = setting(False, "Replace an output folder that already holds a slimtune result (without it that is an error; a folder holding other files is never replaced).")
     train: str | None = setting(None, "Training file: recovery fine-tuning, taylor importance and layer choice (pipeline: data.train).")
     eval: str | None = setting(None, "Labelled file for the accuracy in metrics.json (pipeline: data.eval).")
     sparsity: float = setting(0.0, "Unstructured magnitude sparsity of the block weights (0.5 = half zeros; zeros do not shrink model.safetensors).", ge=0, lt=1)
@@ -84,7 +87,7 @@ class PruneSettings:
     kd: bool = setting(False, "Distil from the unpruned model during recovery (logit KL).")
     kd_temperature: float = setting(2.0, "Softmax temperature of the KD term.", gt=0)
     kd_alpha: float = setting(0.5, "Weight of the KD term (1 - alpha on cross-entropy).", ge=0, le=1)
-    lr: float = setting(1e-4, "Recovery learning rate.", gt=0)
+    lr: float | None = setting(None, "Recovery learning rate (None: the recovery method's declared default, full or magnitude: 1e-4).", gt=0)
     batch_size: int = setting(32, "Recovery (and importance) batch size.", ge=1)
     max_length: int = setting(128, "Tokens per example.", ge=1)
     max_train_samples: int | None = setting(None, "Use N rows of --train only.", ge=1)
@@ -137,6 +140,7 @@ class PruneSettings:
             raise RecipeError(f"--output {out}: exists and is not a folder")
         if Path(self.model).exists() and out.resolve() == Path(self.model).resolve():
             raise RecipeError("--output must differ from --model (the unpruned model is read while the output is written)")
+        check_output(out, overwrite=self.overwrite)
 
 
 def kd_loss_fn(teacher: Any, new_to_old: Any = None, temperature: float = 2.0, alpha: float = 0.5) -> Any:
@@ -275,7 +279,10 @@ def _step_recover(s: PruneSettings, st: _State, tmp: Path, say: Any) -> tuple[An
         mcfg.validate()
     else:
         mcfg = method.config_cls()
-    tcfg = TrainConfig(max_steps=max(1, s.recover_steps), batch_size=s.batch_size, lr=s.lr, warmup_ratio=0.06,
+    lr = s.lr if s.lr is not None else method_defaults(method, "classification")["train.lr"]
+    if s.recover_steps > 0:
+        say(f"recovery lr {lr:g} ({'user' if s.lr is not None else f'default of method {method.name}'})")
+    tcfg = TrainConfig(max_steps=max(1, s.recover_steps), batch_size=s.batch_size, lr=lr, warmup_ratio=0.06,
                        seed=s.seed, tensorboard=False, resume=False, log_every=10)
     ctx = MethodContext(task="classification", total_steps=max(1, s.recover_steps), base_model=s.model)
     st.model = method.apply(st.model, mcfg, ctx)

@@ -15,6 +15,7 @@ and fp32 (they also pick the int8 backend), no gate for the weight-only formats 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -23,6 +24,7 @@ from slimtune.compress.inputs import check_classifier_model, check_file
 from slimtune.compress.quant.api import Int4WeightConfig, Int8WeightConfig, KMeansConfig, NF4Config
 from slimtune.compress.quant.backends import BACKENDS, int8_backend_gap
 from slimtune.config.fields import RecipeError, check_ranges, setting
+from slimtune.config.outputs import check_output
 
 SCHEMES = ("int8", "int4", "nf4", "kmeans", "fp32")
 WEIGHT_ONLY = ("int4", "nf4", "kmeans")
@@ -39,10 +41,11 @@ class QuantizeError(RecipeError):
 class QuantizeSettings:
     """Everything ``slimtune quantize`` does; saved as ``quantize.yaml`` beside the output."""
 
-    PIPELINE_FILLS: ClassVar[tuple[str, ...]] = ("model", "output")  # slimtune run sets these
+    PIPELINE_FILLS: ClassVar[tuple[str, ...]] = ("model", "output", "overwrite")  # slimtune run sets these
 
     model: str | None = setting(None, "Fine-tuned classifier folder (plain HF); required (the pipeline fills in the previous stage's folder).")
     output: str | None = setting(None, "Output folder, replaced atomically when complete; required (the pipeline fills in the stage folder).")
+    overwrite: bool = setting(False, "Replace an output folder that already holds a slimtune result (without it that is an error; a folder holding other files is never replaced).")
     scheme: Literal["int8", "int4", "nf4", "kmeans", "fp32"] = setting("int8", "Quantization scheme: int8 (weights + dynamic activations on the fastest CPU backend), int4 / nf4 / kmeans (weight-only storage, decoded at load), fp32 (no quantization: the fused fp32 ONNX folder).")
     granularity: Literal["tensor", "channel", "group"] | None = setting(None, "Scale granularity (None: int8 channel, int4 group, kmeans channel; nf4 is block-wise). int8 backends run tensor or channel.")
     group_size: int | None = setting(None, "Weights per scale with group granularity (None: int4 32); nf4: block size (None: 64).", ge=2)
@@ -136,6 +139,14 @@ class QuantizeSettings:
             raise QuantizeError(f"--output {out}: exists and is not a folder")
         if out.resolve() == src.resolve():
             raise QuantizeError("--output must differ from --model (the fp32 model is the reference)")
+        check_output(out, overwrite=self.overwrite)
+        try:  # check_classifier_model read this config.json already: it is valid JSON
+            positions = json.loads((src / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+        except (OSError, ValueError):
+            positions = None
+        if isinstance(positions, int) and self.seq_len > positions:
+            raise QuantizeError(f"--seq-len {self.seq_len}: the model has only {positions} positions "
+                                f"(max_position_embeddings in {src / 'config.json'})")
 
 
 def _describe(cfg: Any) -> str:
