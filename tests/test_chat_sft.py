@@ -88,8 +88,9 @@ def test_template_rendering_matches_the_tokenizers_own(tok, tmp_path: Path) -> N
     assert r.render(msgs) == tok.apply_chat_template(msgs, tokenize=False)
     assert r.render(msgs[:2], add_generation_prompt=True).endswith("<|im_start|>assistant\n")
     data = _tokenize(tok, write_jsonl(tmp_path / "c.jsonl", [CHAT]))
-    # piecewise tokenization == tokenizing the whole rendered conversation
+    # an example is its whole rendered text's tokenization (ids diffed at the piece boundaries)
     assert data.input_ids[0] == tok(r.render(msgs), add_special_tokens=False)["input_ids"]
+    assert data.info["chat"]["piecewise_tokenized"] == 0
 
 
 def test_fallback_and_plain_templates(model_dir: Path, tmp_path: Path) -> None:
@@ -105,8 +106,11 @@ def test_fallback_and_plain_templates(model_dir: Path, tmp_path: Path) -> None:
     plain = ChatRenderer(tok, "none")
     assert plain.render(CHAT["messages"][1:3]) == "good moviefresh</s>"
     data = _tokenize(tok, write_jsonl(tmp_path / "c.jsonl", [{"prompt": "good movie", "completion": "fresh"}]), mode="none")
+    # "good movie" + "fresh</s>" is "good moviefresh</s>": a word merges across the boundary, so
+    # this example is tokenized piece by piece (the prompt exactly as generation tokenizes it)
     assert data.input_ids[0] == _ids(tok, "good movie fresh </s>")
     assert data.token_labels[0] == [-100, -100] + _ids(tok, "fresh </s>")
+    assert data.info["chat"]["piecewise_tokenized"] == 1
 
 
 # --------------------------------------------------------------------------------------------

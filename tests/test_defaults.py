@@ -110,3 +110,19 @@ def test_provenance_is_saved_in_recipe_yaml_and_read_back(tmp_path, capsys, tiny
     assert again["train"]["lr"] == 1e-3 and again["data"]["max_length"] == 24
     assert again["provenance"]["train.lr"]["source"] == "default of method lora"
     assert again["provenance"]["data.max_length"] == prov["data.max_length"]
+
+
+def test_lr_auto_runs_a_range_test_and_records_the_curve(tmp_path, capsys, tiny_bert_dir):
+    train = _file(tmp_path / "a.tsv", 30, 2)
+    base = ["finetune", "--model", str(tiny_bert_dir), "--train", train, "--lr", "auto"]
+    printed = _printed(base, capsys)
+    assert printed["train"]["lr"] == "auto" and printed["provenance"]["train.lr"]["source"].startswith("auto: lr range")
+    out = tmp_path / "run"
+    assert main([*base, "--output", str(out), "--max-steps", "2", "--batch-size", "8", "train.tensorboard=false"]) == 0
+    curve = json.loads((out / "metrics.json").read_text())["lr_find"]
+    assert 2 <= curve["steps"] == len(curve["lrs"]) == len(curve["losses"]) <= 100
+    assert curve["lrs"] == sorted(curve["lrs"]) and curve["lr"] == pytest.approx(curve["lr_at_min_loss"] / 10, rel=1e-2)
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["train"]["lr"] == curve["lr"] and saved["provenance"]["train.lr"]["source"].startswith("auto: lr range")
+    assert main(["distill", "--teacher", str(tiny_bert_dir), "--train", train, "--student-layers", "1",
+                 "--lr", "auto", "--print-config"]) == 2  # finetune only

@@ -31,6 +31,8 @@ RECIPE_ROWS: dict[str, Row] = {
     "--print-config": (None, None, None),  # what every row runs; alone it prints the defaults
     "--nproc": ("2", None, None),  # a launch option: printed settings unchanged, nothing launched
     "--output": ("runs/x", "output", "runs/x"),
+    "--overwrite": (None, "overwrite", True),
+    "--no-overwrite": (None, "overwrite", False),
     "--method": ("ia3", "method.name", "ia3"),
     "--task": ("causal-lm", "model.task", "causal-lm"),
     "--dtype": ("bfloat16", "model.dtype", "bfloat16"),

@@ -101,6 +101,11 @@ ROWS: dict[str, dict[str, tuple[list[str], str, Any]]] = {
         "--threads": (["--threads", "2"], "threads", 2),
         "--device": (["--device", "cuda:1"], "device", "cuda:1"),  # the machine is checked when serving starts
         "--forward-cost-tokens": (["--forward-cost-tokens", "0"], "forward_cost_tokens", 0),
+        "--max-connections": (["--max-connections", "50"], "max_connections", 50),
+        "--header-timeout-s": (["--header-timeout-s", "2.5"], "header_timeout_s", 2.5),
+        "--body-timeout-s": (["--body-timeout-s", "4"], "body_timeout_s", 4.0),
+        "--keep-alive-s": (["--keep-alive-s", "1.5"], "keep_alive_s", 1.5),
+        "--drain-s": (["--drain-s", "3"], "drain_s", 3.0),
         "--log-level": (["--log-level", "debug"], "log_level", "debug"),
         "--access-log": (["--access-log"], "access_log", True),
         "--no-access-log": (["--access-log", "--no-access-log"], "access_log", False),
@@ -203,7 +208,7 @@ def test_every_flag_has_a_row_and_the_count() -> None:
     n = len(PAIRS)
     print(f"flag contract: {n} command x flag pairs covered "
           + ", ".join(f"{c} {len(flags_of(c))}" for c in COMMANDS))
-    assert n == sum(len(r) for r in ROWS.values()) == 81
+    assert n == sum(len(r) for r in ROWS.values()) == 86
 
 
 @pytest.mark.parametrize("cmd, flag", PAIRS, ids=[f"{c} {f}" for c, f in PAIRS])

@@ -59,3 +59,25 @@ def test_allow_pickle_loads_the_same_weights(pickle_dir: Path, tmp_path: Path, m
 def test_safetensors_folder_loads_without_the_flag(tmp_path: Path) -> None:
     d = tiny.make_tiny_bert(tmp_path / "m")
     assert load_model(str(d), "classification").config.num_labels == 2
+
+
+def test_serve_refuses_pickle_only_folder_exit_2(pickle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("fastapi")
+    assert main(["serve", "--model", str(pickle_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pytorch_model.bin" in err[0] and "--allow-pickle" in err[0]
+
+
+def test_generate_refuses_pickle_only_peft_adapter(tmp_path: Path) -> None:
+    """A PEFT adapter folder with only adapter_model.bin: PEFT would torch.load it; refused first."""
+    peft = pytest.importorskip("peft")
+    from slimtune.runtime.generate import load_for_generation
+
+    base = tiny.make_tiny_llama(tmp_path / "base")
+    lm = peft.get_peft_model(load_model(str(base), "causal-lm"),
+                             peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    lm.peft_config["default"].base_model_name_or_path = str(base)
+    lm.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
+    with pytest.raises(ModelError, match=r"adapter_model\.bin: pickle weights are not loaded"):
+        load_for_generation(tmp_path / "adapter")

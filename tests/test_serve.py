@@ -101,7 +101,7 @@ BAD_CLASSIFY = [  # (name, kwargs for client.post, expected status)
     ("neither texts nor pairs", {"json": {}}, 422),
     ("pair of three", {"json": {"pairs": [["a", "b", "c"]]}}, 422),
     ("pair with empty side", {"json": {"pairs": [["good", ""]]}}, 422),
-    ("not json content type", {"content": b"texts=good", "headers": {"content-type": "text/plain"}}, 422),
+    ("not json content type", {"content": b"texts=good", "headers": {"content-type": "text/plain"}}, 415),
     ("body too large", {"json": {"texts": ["good"] * 5000}}, 413),
 ]
 

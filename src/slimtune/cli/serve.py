@@ -12,6 +12,7 @@ from slimtune.cli.lists import require
 from slimtune.config.fields import RecipeError, settings_dict
 from slimtune.serve.app import create_app
 from slimtune.serve.models import load_runner, warmup
+from slimtune.serve.server import run_server
 from slimtune.serve.settings import ServeConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -36,8 +37,6 @@ def run(args: argparse.Namespace) -> int:
     require(cfg, ("model",))
     if print_config(args, shown_settings(cfg)):
         return 0
-    import uvicorn  # optional heavy dependency (the serve extra); not needed for --print-config
-
     try:
         runner = load_runner(cfg.model, cfg.threads, cfg.device)  # checks --device before any weight loads
     except ValueError as e:
@@ -48,5 +47,5 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("slimtune").warning("serving on %s without --api-key", cfg.host)
     print(f"slimtune serve: {runner.task} ({runner.backend}, {runner.device}) from {cfg.model} on "
           f"http://{cfg.host}:{cfg.port} (docs at /docs)", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log)
+    run_server(app, cfg)  # connection cap, header/body timeouts, bounded drain on SIGTERM
     return 0

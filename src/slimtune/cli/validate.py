@@ -14,6 +14,7 @@ from typing import Any
 from slimtune.cli.common import add_print_config, print_config
 from slimtune.compress.distill.recipe import check_distill_inputs
 from slimtune.config.fields import RecipeError, deep_merge, load_yaml, parse_override, set_path
+from slimtune.config.outputs import check_output
 from slimtune.config.recipe import resolve
 from slimtune.models.loading import check_exists
 from slimtune.pipeline.run import validate_tree
@@ -57,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     recipe = resolve(deep_merge({}, tree), path)
     check_exists(recipe.model.name)
+    if recipe.output:  # a finished run there is refused without overwrite, as the run would
+        check_output(recipe.output, overwrite=recipe.overwrite,
+                     inputs=(recipe.model.name, getattr(recipe.distill, "student", None)))
     labels = check_data(recipe)  # columns, rows and labels, as the run will read them
     if recipe.distill is not None:
         check_distill_inputs(recipe, recipe.distill, labels)

@@ -62,7 +62,9 @@ def apply_method_defaults(recipe: Any, method: Any, recorded: dict[str, Any] | N
     length_given = _get(recipe, "train.epochs") is not None or recipe.train.max_steps > 0
     for key in AUTO_KEYS:
         value = _get(recipe, key)
-        if value is not None:
+        if value == "auto":
+            source = "auto: lr range test at the start of the run (slimtune.train.lr_find)"
+        elif value is not None:
             source = "user"
         elif key == "train.min_steps" and length_given:
             value, source = 0, "auto: 0 (train.epochs or train.max_steps given)"

@@ -58,7 +58,7 @@ class DataConfig:
     text_column: str | None = setting(None, "Column with the text. Auto-detected: text, sentence, sentence1, #1 String, ...")
     text_pair_column: str | None = setting(None, "Column with the second text of a pair. Auto-detected: sentence2, #2 String, ...")
     label_column: str | None = setting(None, "Column with the label (string or integer). Auto-detected: label, labels, Quality, ...")
-    max_length: int | Literal["auto"] = setting("auto", "Maximum tokens per example (causal-lm: block size). auto (classification and chat data): the 99th percentile of the train (and eval) files' token lengths, rounded up to a multiple of 8, capped by the model's positions; raw-text causal-lm: 128. The value used is saved in recipe.yaml (provenance).", ge=1)
+    max_length: int | Literal["auto"] = setting("auto", "Maximum tokens per example (causal-lm: block size). auto (classification): the 99th percentile of the train (and eval) files' token lengths, rounded up to a multiple of 8, capped by the model's positions; causal-lm: 128. The value used is saved in recipe.yaml (provenance).", ge=1)
     max_train_samples: int | None = setting(None, "Use only the first N training rows after a seeded shuffle (None: all).", ge=1)
     max_eval_samples: int | None = setting(None, "Use only the first N evaluation rows (None: all).", ge=1)
     skip_bad_rows: bool = setting(False, "Skip malformed rows and report how many were skipped, instead of stopping at the first.")
@@ -80,7 +80,7 @@ class TrainConfig:
     batch_size: int = setting(32, "Examples per micro-batch; with several processes the global micro-batch, split across them.", ge=1)
     eval_batch_size: int = setting(64, "Examples per evaluation batch.", ge=1)
     grad_accum: int = setting(1, "Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum).", ge=1)
-    lr: float | None = setting(None, "Peak learning rate of AdamW. None: the method's declared default (full 1e-4, lora 1e-3, ia3 1e-2, ...; slimtune finetune --print-config shows it).", gt=0)
+    lr: float | Literal["auto"] | None = setting(None, "Peak learning rate of AdamW. None: the method's declared default (full 1e-4, lora 1e-3, ia3 1e-2, ...; slimtune finetune --print-config shows it). auto (slimtune finetune): a short lr range test on the training data picks it (curve in metrics.json).", gt=0)
     weight_decay: float = setting(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).", ge=0)
     warmup_ratio: float = setting(0.06, "Fraction of steps with linear warm-up from 0 to lr.", ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = setting("linear", "Decay after warm-up.")
@@ -130,9 +130,12 @@ class Recipe:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the fully resolved recipe as YAML (atomically)."""
+        """Write the fully resolved recipe as YAML (atomically).
 
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        ``overwrite`` is saved as false: a run repeated from its ``recipe.yaml`` asks again
+        before it replaces a finished output.
+        """
+        atomic_write_text(path, yaml.safe_dump({**self.to_dict(), "overwrite": False}, sort_keys=False))
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -184,7 +187,9 @@ def validate(recipe: Recipe, check_files: bool = True) -> None:
     for k, v in positive.items():
         if v < 1:
             raise RecipeError(f"{k}: must be >= 1, got {v}")
-    if t.lr is not None and t.lr <= 0:
+    if t.lr == "auto" and recipe.distill is not None:
+        raise RecipeError("train.lr: auto (the lr range test) is supported by slimtune finetune only; give a number")
+    if isinstance(t.lr, float) and t.lr <= 0:
         raise RecipeError(f"train.lr: must be > 0, got {t.lr}")
     if not 0 <= t.warmup_ratio < 1:
         raise RecipeError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")

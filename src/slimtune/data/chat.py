@@ -21,9 +21,11 @@ is saved as the model's template the same way.
 Masking. Only assistant tokens carry a loss; every other label is -100. Assistant spans are found
 by rendering prefixes: for the assistant turn ``i`` the prompt is
 ``render(messages[:i], add_generation_prompt=True)`` and the turn ends where
-``render(messages[:i + 1])`` ends; both must extend the previous rendering as strings. The pieces
-are tokenized one by one (the prompt piece exactly as ``slimtune generate`` tokenizes a prompt),
-so the spans are exact whatever the tokenizer merges across boundaries. Every assistant turn of a
+``render(messages[:i + 1])`` ends; both must extend the previous rendering as strings. Each
+piece's tokens are what tokenizing the text through that piece adds to the tokens of the text
+before it (diffed token ids), so an example is its whole text's tokenization and every prompt is
+tokenized exactly as ``slimtune generate`` tokenizes it; where a token merges across a boundary,
+that example's pieces are tokenized one by one instead (``piecewise_tokenized`` counts them). Every assistant turn of a
 multi-turn conversation is trained. A template that is not prefix-stable (one that rewrites
 earlier turns, e.g. dropping past reasoning) makes one example per assistant turn instead, each
 trained on its last answer only; ``split_conversations`` counts them. Whitespace the template
@@ -535,6 +537,34 @@ def _tokenize_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return out
 
 
+def _piece_tokens(tokenizer: Any, examples: list[list[tuple[str, bool]]]) -> tuple[list[list[list[int]]], int]:
+    """Token ids of every piece of every example, and how many examples fell back to piecewise.
+
+    The ids of piece k are what tokenizing the text up to and including piece k adds to the
+    tokens of the text before it, so an example's ids are its whole text's tokenization (what
+    ``apply_chat_template(tokenize=True)`` gives; SentencePiece tokenizers would add a dummy
+    prefix space to pieces tokenized alone). Where a token merges across a boundary (the
+    earlier text's ids are not a prefix of the longer text's), the pieces are tokenized one
+    by one instead.
+    """
+    prefixes = ["".join(t for t, _ in ex[: k + 1]) for ex in examples for k in range(len(ex))]
+    flat = iter(_tokenize_texts(tokenizer, prefixes))
+    out: list[list[list[int]]] = []
+    redo: list[int] = []
+    for i, ex in enumerate(examples):
+        cum = [next(flat) for _ in ex]  # ids of the text up to and including each piece
+        if all(cum[k][: len(cum[k - 1])] == cum[k - 1] for k in range(1, len(cum))):
+            out.append([c[len(p):] for p, c in zip([[], *cum[:-1]], cum, strict=True)])
+        else:
+            out.append([])
+            redo.append(i)
+    if redo:
+        alone = iter(_tokenize_texts(tokenizer, [t for i in redo for t, _ in examples[i]]))
+        for i in redo:
+            out[i] = [next(alone) for _ in examples[i]]
+    return out, len(redo)
+
+
 def tokenize_chat(chat: ChatFile, tokenizer: Any, max_length: int, *, renderer: ChatRenderer,
                   packing: bool = False, seed: int = 0) -> TokenizedData:
     """Render, tokenize and mask conversations; optionally pack them into blocks.
@@ -553,16 +583,14 @@ def tokenize_chat(chat: ChatFile, tokenizer: Any, max_length: int, *, renderer: 
         turns += sum(m["role"] == "assistant" for m in conv.messages)
         split += len(exs) > 1
         examples.extend(exs)
-    flat = [t for ex in examples for t, _ in ex]
-    ids_flat = iter(_tokenize_texts(tokenizer, flat))
+    token_pieces, piecewise = _piece_tokens(tokenizer, examples)
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
     truncated = dropped = answer_tokens = cut_answer_tokens = 0
-    for ex in examples:
+    for ex, pieces in zip(examples, token_pieces, strict=True):
         ids: list[int] = []
         lab: list[int] = []
-        for _, trained in ex:
-            piece = next(ids_flat)
+        for (_, trained), piece in zip(ex, pieces, strict=True):
             ids.extend(piece)
             lab.extend(piece if trained else [-100] * len(piece))
         n_answer = sum(x != -100 for x in lab)
@@ -584,7 +612,8 @@ def tokenize_chat(chat: ChatFile, tokenizer: Any, max_length: int, *, renderer: 
     info: dict[str, Any] = {
         "file": chat.path, "format": chat.format, "chat_template": renderer.source, "rows": chat.rows,
         "skipped_rows": chat.skipped, "conversations": len(chat), "assistant_turns": turns,
-        "examples": len(input_ids), "split_conversations": split, "truncated": truncated,
+        "examples": len(input_ids), "split_conversations": split, "piecewise_tokenized": piecewise,
+        "truncated": truncated,
         "dropped": dropped, "answer_tokens_cut": cut_answer_tokens, "max_length": max_length,
         "tokens": sum(map(len, input_ids)), "answer_tokens": answer_tokens, "packed_blocks": None,
     }

@@ -134,6 +134,7 @@ class AdaLoraMethod:
     # AdaLoRA's update is a product of three small factors (E starts at 0): at 1e-3 it barely
     # moves in 125 steps (0.51 on SST-2), 5e-3 trains (0.82; bench/results/peft_methods.json).
     defaults = {"train.lr": 5e-3, "train.epochs": 3.0, "train.min_steps": 400}
+    task_defaults = {"causal-lm": {"train.lr": 1e-3, "train.min_steps": 0}}  # not measured on decoders: LoRA-like
     name = "adalora"
     config_cls = AdaLoraMethodConfig
 

@@ -245,6 +245,7 @@ class AdapterMethod:
     # Bottleneck adapters start near identity (small up-projection): 1e-3 (Houlsby et al. swept
     # 3e-5..3e-3; SST-2 here: 0.80 at 1e-3 after 125 steps).
     defaults = {"train.lr": 1e-3, "train.epochs": 3.0, "train.min_steps": 400}
+    task_defaults = {"causal-lm": {"train.min_steps": 0}}
     name = "adapters"
     config_cls = AdapterMethodConfig
     load_exported = staticmethod(load_exported)  # used by slimtune.models.loading.load_model

@@ -74,6 +74,7 @@ class IA3Method:
     # steps (T-Few: 3e-3 for 1,000 steps; SST-2 here: nothing learned at 3e-3 in 63 steps,
     # 0.76 at 5e-3 in 125 steps).
     defaults = {"train.lr": 1e-2, "train.epochs": 3.0, "train.min_steps": 600}
+    task_defaults = {"causal-lm": {"train.lr": 3e-3, "train.min_steps": 0}}  # T-Few's rate for decoders
     name = "ia3"
     config_cls = IA3MethodConfig
 

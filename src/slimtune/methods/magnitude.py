@@ -262,6 +262,7 @@ class MagnitudeMethod:
     # Every remaining weight trains, as in full fine-tuning; gradual pruning needs the steps
     # of its schedule to recover, hence the higher floor.
     defaults = {"train.lr": 1e-4, "train.epochs": 3.0, "train.min_steps": 400}
+    task_defaults = {"causal-lm": {"train.min_steps": 0}}
     name = "magnitude"
     config_cls = MagnitudeConfig
 

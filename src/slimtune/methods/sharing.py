@@ -363,6 +363,7 @@ class SharingMethod:
     # Recovery fine-tuning of the shared weights (all of them train): a bit above full
     # fine-tuning, since sharing moved every layer (SST-2 here: 0.762 at 1e-4, 0.787 at 3e-4).
     defaults = {"train.lr": 3e-4, "train.epochs": 3.0, "train.min_steps": 400}
+    task_defaults = {"causal-lm": {"train.min_steps": 0}}
     name = "sharing"
     config_cls = SharingMethodConfig
     load_exported = staticmethod(load_exported)  # used by slimtune.models.loading.load_model

@@ -156,13 +156,25 @@ def weights_kwargs(path: str) -> dict[str, Any]:
     """
     if pickle_allowed():
         return {}
+    refuse_pickle_only(path)
+    return {"use_safetensors": True}
+
+
+def refuse_pickle_only(path: str | os.PathLike) -> None:
+    """Raise ModelError (one line naming the file) for a local folder whose only weights are pickles.
+
+    Used before anything that would fall back to a pickle: ``from_pretrained`` of a model
+    (:func:`weights_kwargs`) and of a PEFT adapter (``adapter_model.bin``). Does nothing with
+    ``--allow-pickle``.
+    """
+    if pickle_allowed():
+        return
     p = Path(path)
     if p.is_dir() and not any(p.glob("*.safetensors")):
         pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise ModelError(f"{p / pickles[0]}: pickle weights are not loaded (they can run code); convert the "
                              "folder to safetensors, or pass --allow-pickle if you trust it")
-    return {"use_safetensors": True}
 
 
 def load_model(name: str, task: str, *, label_names: list[str] | None = None,

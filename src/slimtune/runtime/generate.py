@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from slimtune.data.chat import ChatRenderer, Message
-from slimtune.models.loading import ModelError, load_model, load_tokenizer
+from slimtune.models.loading import ModelError, load_model, load_tokenizer, refuse_pickle_only
 
 
 @dataclass
@@ -315,6 +315,7 @@ def load_for_generation(model: str | os.PathLike, adapter: str | os.PathLike | N
                 raise ModelError(f"{cfg_path}: no base_model_name_or_path; pass --model BASE --adapter {adapter_dir}")
         from peft import PeftModel  # optional dependency (the peft extra): adapter folders only
 
+        refuse_pickle_only(adapter_dir)  # PEFT falls back to adapter_model.bin (a pickle)
         lm = PeftModel.from_pretrained(load_model(base, "causal-lm", dtype=dtype), str(adapter_dir))
         if merge and hasattr(lm, "merge_and_unload"):
             lm = lm.merge_and_unload()

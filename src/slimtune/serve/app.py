@@ -31,11 +31,48 @@ from slimtune.serve.settings import ServeConfig
 ENDPOINTS = ("/v1/classify", "/v1/generate", "/healthz", "/metrics", "/docs", "/openapi.json")
 
 
-class _Guard:
-    """Outermost ASGI middleware: body-size cap (413), per-request metrics, last-resort 500 JSON."""
+PROTECTED = ("/v1/", "/metrics")  # need the API key (when one is set); /healthz, /docs never do
+JSON_ENDPOINTS = ("/v1/classify", "/v1/generate")
 
-    def __init__(self, app: Any, metrics: Metrics, max_body: int):
-        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+def key_ok(headers: dict[str, str], api_key: str | None) -> bool:
+    """Whether ``X-API-Key: KEY`` or ``Authorization: Bearer KEY`` carries ``api_key`` (constant time)."""
+    if api_key is None:
+        return True
+    given = headers.get("x-api-key") or ""
+    if not given and headers.get("authorization", "").lower().startswith("bearer "):
+        given = headers["authorization"][7:].strip()
+    return bool(given) and hmac.compare_digest(given.encode(), api_key.encode())
+
+
+def _refusal(scope: dict, cfg: ServeConfig) -> tuple[int, str, str, dict[str, str]] | None:
+    """What the request line and headers alone refuse (401, 415, 413), before one body byte is read."""
+    path, method = scope.get("path", ""), scope.get("method", "GET")
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    if path.startswith(PROTECTED) and not key_ok(headers, cfg.api_key):
+        return (401, "unauthorized", "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                {"www-authenticate": "Bearer"})
+    ctype = headers.get("content-type")
+    if method == "POST" and path in JSON_ENDPOINTS and ctype is not None:
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            return 415, "unsupported_media_type", f"content-type {media!r}: send application/json", {}
+    length = headers.get("content-length", "")
+    if length.isdigit() and int(length) > cfg.max_body_bytes:
+        return 413, "body_too_large", f"request body of {int(length)} bytes exceeds {cfg.max_body_bytes}", {}
+    return None
+
+
+class _Guard:
+    """Outermost ASGI middleware: refusals from the headers alone (API key 401, content type 415,
+    declared size 413) before the body is read; the body read with a size cap (413 as soon as it
+    is passed) and a deadline (408); per-request metrics; a last-resort 500 JSON.
+
+    A refusal that leaves body bytes unread closes the connection (``connection: close``), so no
+    request body is ever buffered for a client that may not send one."""
+
+    def __init__(self, app: Any, metrics: Metrics, cfg: ServeConfig):
+        self.app, self.metrics, self.cfg = app, metrics, cfg
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -52,18 +89,14 @@ class _Guard:
             await send(msg)
 
         try:
-            body, more, size = [], True, 0  # read the body up front so oversized ones stop early
-            while more:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    return
-                size += len(msg.get("body", b""))
-                if size > self.max_body:
-                    return await _send_json(send_wrapped, 413, "body_too_large",
-                                            f"request body exceeds {self.max_body} bytes")
-                body.append(msg.get("body", b""))
-                more = msg.get("more_body", False)
-            replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+            refused = _refusal(scope, self.cfg)
+            if refused is not None:
+                code, kind, message, headers = refused
+                return await _send_json(send_wrapped, code, kind, message, headers, close=True)
+            body = await self._read_body(receive, send_wrapped)
+            if body is None:  # refused or disconnected; answered already
+                return
+            replay = [{"type": "http.request", "body": body, "more_body": False}]
 
             async def receive_replay() -> dict:
                 return replay.pop() if replay else await receive()
@@ -76,11 +109,38 @@ class _Guard:
         finally:
             self.metrics.in_flight -= 1
 
+    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+        """The whole body, or None after answering 413 (over the cap) / 408 (too slow) / a disconnect."""
+        chunks, size, more = [], 0, True
+        deadline = time.monotonic() + self.cfg.body_timeout_s
+        while more:
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                await _send_json(send, 408, "body_timeout", f"request body not received within "
+                                 f"{self.cfg.body_timeout_s:g} s", close=True)
+                return None
+            if msg["type"] == "http.disconnect":
+                return None
+            size += len(msg.get("body", b""))
+            if size > self.cfg.max_body_bytes:
+                await _send_json(send, 413, "body_too_large", f"request body exceeds {self.cfg.max_body_bytes} bytes",
+                                 close=True)
+                return None
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        return b"".join(chunks)
 
-async def _send_json(send: Any, status: int, kind: str, message: str) -> None:
+
+async def _send_json(send: Any, status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+                     close: bool = False) -> None:
     body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    if close:  # body bytes may be left unread: uvicorn closes the connection after this response
+        extra.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -143,10 +203,9 @@ def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str =
     batcher = Batcher(runner, cfg, metrics)
     app = _setup_app(runner, cfg, batcher, metrics, model_name)
     _setup_error_handlers(app)
-    auth = _auth_dependency(cfg)
-    _setup_inference_routes(app, runner, cfg, _asker(batcher, cfg), auth, model_name)
-    _setup_ops_routes(app, runner, batcher, metrics, auth, model_name)
-    app.add_middleware(_Guard, metrics=metrics, max_body=cfg.max_body_bytes)
+    _setup_inference_routes(app, runner, cfg, _asker(batcher, cfg), model_name)
+    _setup_ops_routes(app, runner, batcher, metrics, model_name)
+    app.add_middleware(_Guard, metrics=metrics, cfg=cfg)  # checks the API key before the body is read
     return app
 
 
@@ -202,25 +261,6 @@ def _setup_error_handlers(app: Any) -> None:
         return _error(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None))
 
 
-def _auth_dependency(cfg: ServeConfig) -> Any:
-    """The dependency that checks the API key (constant-time) when one is set."""
-
-    from fastapi import Request  # optional dependency (the serve extra)
-
-    def auth(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        h = request.headers
-        given = h.get("x-api-key") or ""
-        if not given and h.get("authorization", "").lower().startswith("bearer "):
-            given = h["authorization"][7:].strip()
-        if not given or not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
-            raise ClientError(401, "unauthorized", "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                              {"WWW-Authenticate": "Bearer"})
-
-    return auth
-
-
 def _asker(batcher: Batcher, cfg: ServeConfig) -> Any:
     """``await ask(rows)``: queue ``rows`` as one request and wait for the answer (503 on timeout)."""
 
@@ -235,14 +275,12 @@ def _asker(batcher: Batcher, cfg: ServeConfig) -> Any:
     return ask
 
 
-def _setup_inference_routes(app: Any, runner: Runner, cfg: ServeConfig, ask: Any, auth: Any, model_name: str) -> None:
-    """``POST /v1/classify`` and ``POST /v1/generate`` (request schemas carry this server's limits)."""
-
-    from fastapi import Depends  # optional dependency (the serve extra)
-
+def _setup_inference_routes(app: Any, runner: Runner, cfg: ServeConfig, ask: Any, model_name: str) -> None:
+    """``POST /v1/classify`` and ``POST /v1/generate`` (request schemas carry this server's limits;
+    the API key, content type and body size were checked by :class:`_Guard`)."""
     ClassifyRequest, GenerateRequest = _schemas(cfg)
 
-    @app.post("/v1/classify", dependencies=[Depends(auth)], tags=["inference"])
+    @app.post("/v1/classify", tags=["inference"])
     async def classify(body: ClassifyRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         """Label and class probabilities for each text (or pair), in request order."""
         if runner.task != "classification":
@@ -250,7 +288,7 @@ def _setup_inference_routes(app: Any, runner: Runner, cfg: ServeConfig, ask: Any
         rows = body.texts if body.texts is not None else [tuple(p) for p in body.pairs]
         return {"model": model_name, "results": await ask(rows)}
 
-    @app.post("/v1/generate", dependencies=[Depends(auth)], tags=["inference"])
+    @app.post("/v1/generate", tags=["inference"])
     async def generate(body: GenerateRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         """Continue ``prompt`` by up to ``max_new_tokens`` tokens."""
         if runner.task != "causal-lm":
@@ -265,11 +303,9 @@ def _setup_inference_routes(app: Any, runner: Runner, cfg: ServeConfig, ask: Any
         return {"model": model_name, **(await ask([row]))}
 
 
-def _setup_ops_routes(app: Any, runner: Runner, batcher: Batcher, metrics: Metrics, auth: Any,
-                      model_name: str) -> None:
-    """``GET /healthz`` (never needs the key) and ``GET /metrics`` (Prometheus text)."""
-
-    from fastapi import Depends  # optional dependency (the serve extra)
+def _setup_ops_routes(app: Any, runner: Runner, batcher: Batcher, metrics: Metrics, model_name: str) -> None:
+    """``GET /healthz`` (never needs the key) and ``GET /metrics`` (Prometheus text; the key, when set,
+    is checked by :class:`_Guard`)."""
     from fastapi.responses import JSONResponse, PlainTextResponse  # optional (the serve extra)
 
     @app.get("/healthz", tags=["ops"])
@@ -279,7 +315,7 @@ def _setup_ops_routes(app: Any, runner: Runner, batcher: Batcher, metrics: Metri
                 "backend": runner.backend, "device": runner.device, "model": model_name, "queue_depth": batcher.depth()}
         return JSONResponse(info, 200 if batcher.alive else 503)
 
-    @app.get("/metrics", dependencies=[Depends(auth)], tags=["ops"], response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def prometheus() -> Any:
         """Prometheus text format."""
         return PlainTextResponse(metrics.render(batcher.depth()),

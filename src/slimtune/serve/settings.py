@@ -1,7 +1,8 @@
 """``slimtune serve`` settings: one dataclass, every field a flag (derived by ``slimtune.cli``).
 
 :class:`ServeConfig` holds where to listen (``host``, ``port``), what to serve (``model``), the
-server's limits and batching, and uvicorn's logging. :func:`slimtune.serve.app.create_app` and
+server's limits and batching, connection limits and timeouts (enforced by
+:mod:`slimtune.serve.server`), and uvicorn's logging. :func:`slimtune.serve.app.create_app` and
 the batcher read the limits; ``model``/``host``/``port``/``log_level``/``access_log`` are only
 used by the command, so ``ServeConfig(max_wait_ms=1)`` is a complete config for an in-process
 app (tests, embedding the app elsewhere).
@@ -34,6 +35,11 @@ class ServeConfig:
     threads: int | None = setting(None, "Intra-op threads for torch / ONNX Runtime (default: torch's).", ge=1)
     device: str = setting("cpu", "Where the model runs: cpu, cuda or cuda:N (torch and ONNX folders); checked before any weight loads.")
     forward_cost_tokens: int = setting(32, "Fixed cost of one forward pass, in padded tokens; a gathered batch is split by length where that saves more padding than this (0: never split).", ge=0)
+    max_connections: int = setting(1000, "Most open connections (keep it well under the process's open-file limit, ulimit -n). At the cap, the connection that has waited longest for its request headers is closed to make room; when none is waiting, the new one is closed.", ge=1)
+    header_timeout_s: float = setting(10.0, "A connection must send its complete request headers within this time (after a response on a kept-alive one: keep_alive_s + this), else it is closed.", gt=0)
+    body_timeout_s: float = setting(30.0, "A request body must arrive completely within this time after its headers, else 408 and the connection is closed.", gt=0)
+    keep_alive_s: float = setting(5.0, "Idle time a kept-alive connection may wait for its next request.", gt=0)
+    drain_s: float = setting(10.0, "On SIGTERM/SIGINT: stop accepting, let running requests finish for at most this long, then close the rest and exit.", ge=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = setting("info", "uvicorn log level.")
     access_log: bool = setting(False, "Log every request (costs throughput).")
 

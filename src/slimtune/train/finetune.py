@@ -50,6 +50,7 @@ from slimtune.train import distributed
 from slimtune.train.auto import resolve_max_length
 from slimtune.train.fingerprint import check_same_run, recipe_fingerprint
 from slimtune.train.loop import latest_checkpoint, peak_rss_mb, plan_steps, train
+from slimtune.train.lr_find import lr_range_test
 
 
 def seed_everything(seed: int) -> None:
@@ -76,6 +77,21 @@ def print_provenance(recipe: Recipe, total_steps: int) -> None:
     for line in provenance_lines(recipe.provenance):
         print(f"[slimtune] {line}", file=sys.stderr)
     print(f"[slimtune] {total_steps} optimizer steps", file=sys.stderr)
+
+
+def find_lr_if_auto(recipe: Recipe, model: torch.nn.Module, data: TokenizedData,
+                    device: torch.device) -> dict[str, Any] | None:
+    """``train.lr: auto``: run the lr range test, set ``train.lr`` (and its provenance); the curve, else None."""
+    t = recipe.train
+    if t.lr != "auto":
+        return None
+    curve = lr_range_test(model, data, t, device)
+    t.lr = curve["lr"]
+    recipe.provenance["train.lr"] = {"value": t.lr, "source": f"auto: lr range test over {curve['steps']} steps, "
+                                                              f"{curve['rule']}"}
+    if distributed.is_main():
+        print(f"[slimtune] train.lr = {t.lr:g} ({recipe.provenance['train.lr']['source']})", file=sys.stderr)
+    return curve
 
 
 def resolve_data_defaults(recipe: Recipe) -> None:
@@ -231,6 +247,7 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
     method = get_method(recipe.method_name)
     ctx = MethodContext(task=m.task, total_steps=total_steps, base_model=resolve(m.name))
     model = method.apply(model, recipe.method, ctx)
+    lr_curve = find_lr_if_auto(recipe, model, train_data, next(model.parameters()).device)
     params, trainable = count_params(model), count_params(model, trainable_only=True)
     eval_fn = None
     if eval_data is not None:
@@ -255,7 +272,8 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
                                   batch_size=max(1, t.eval_batch_size // 8),
                                   ppl={k: result[k] for k in ("loss", "perplexity", "tokens")} if eval_data else None))
     result.update(params=params, trainable_params=trainable, plain_params=count_params(final),
-                  size_mb=weights_size_mb(out), peak_rss_mb=peak_rss_mb(), train=summary)
+                  size_mb=weights_size_mb(out), peak_rss_mb=peak_rss_mb(), train=summary,
+                  **({"lr_find": lr_curve} if lr_curve else {}))
     update_json(out / "metrics.json", result)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resumable state is done with
     return result

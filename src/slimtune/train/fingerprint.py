@@ -12,12 +12,14 @@ with every value that names a local file or folder replaced by the identity of i
   in full at every start;
 - anything else (a hub id, a packaged alias like ``minilm``, a number) as it is.
 
-The loop adds what it derives (``loop.examples``, ``loop.batches_per_epoch``,
-``loop.total_steps``) and checks the saved position against the data before it takes a step.
+The loop adds what it derives (``loop.examples``, ``loop.batches_per_epoch``, the batch and
+optimizer settings) and checks the saved position against the data before it takes a step.
 
 Keys in :data:`HARMLESS` are left out: they change what is observed or how fast, never the
 sequence of weights (``train.eval_every`` moves the evaluations, which pick the best checkpoint
-among those evaluated, but not the trajectory). ``output`` is left out so a run folder can move.
+among those evaluated, but not the trajectory; ``train.fsdp`` and the number of processes do
+not change it either: their checkpoints are interchangeable). ``output`` is left out so a run
+folder can move. ``train.max_steps`` and ``train.epochs`` are kept: they shape the LR schedule.
 Anything else that differs stops the resume with one line naming the keys, and how to start
 fresh: ``--no-resume`` (``train.resume=false``), or a new ``--output``.
 """
@@ -39,7 +41,7 @@ VERSION = 1
 HARMLESS = frozenset({
     "output", "overwrite", "train.resume", "train.progress", "train.log_every", "train.tensorboard",
     "train.save_every", "train.keep_checkpoints", "train.num_threads", "train.eval_batch_size",
-    "train.eval_every", "distill.cache_dir",
+    "train.eval_every", "train.fsdp", "train.ddp_find_unused_parameters", "distill.cache_dir",
 })
 
 _FULL_HASH_MAX = 8 << 20  # folder files up to 8 MiB are hashed whole (configs, tokenizers)

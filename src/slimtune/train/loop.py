@@ -356,7 +356,7 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
     """
     if len(data) == 0:
         raise DataError("the training data holds no examples: nothing to train on")
-    fp = {**(fingerprint or {}), **_loop_fingerprint(data, cfg, total_steps, method, group_by_length)}
+    fp = {**(fingerprint or {}), **_loop_fingerprint(data, cfg, method, group_by_length)}
     loop = _setup_loop(model, method, method_cfg, data, cfg, Path(out_dir), total_steps=total_steps,
                        eval_fn=eval_fn, metric=metric, loss_fn=loss_fn, fingerprint=fp)
     lengths = data.lengths()
@@ -374,13 +374,17 @@ def train(model: torch.nn.Module, method: Any, method_cfg: Any, data: TokenizedD
     return _finish(loop, stop)
 
 
-def _loop_fingerprint(data: TokenizedData, cfg: TrainConfig, total_steps: int, method: Any,
-                      group_by_length: bool) -> dict[str, Any]:
-    """What the loop derives and a checkpoint's position depends on (``loop.*`` keys)."""
+def _loop_fingerprint(data: TokenizedData, cfg: TrainConfig, method: Any, group_by_length: bool) -> dict[str, Any]:
+    """What the loop derives and a checkpoint's position depends on (``loop.*`` keys).
+
+    Not the number of steps (a run with a constant LR may be extended) nor DDP vs FSDP or the
+    number of processes (their checkpoints are interchangeable); a recipe's fingerprint holds
+    ``train.max_steps`` / ``train.epochs``, which shape its LR schedule.
+    """
     keys = ("batch_size", "grad_accum", "seed", "lr", "weight_decay", "warmup_ratio", "scheduler",
-            "max_grad_norm", "precision", "fsdp")
+            "max_grad_norm", "precision")
     return {"loop.examples": len(data), "loop.batches_per_epoch": num_batches(len(data), cfg.batch_size),
-            "loop.total_steps": total_steps, "loop.method": getattr(method, "name", type(method).__name__),
+            "loop.method": getattr(method, "name", type(method).__name__),
             "loop.group_by_length": group_by_length, **{f"loop.{k}": getattr(cfg, k) for k in keys}}
 
 

@@ -220,8 +220,9 @@ def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str,
                  seconds=time.perf_counter() - t_start)
         r["params_ratio"] = r["params_before"] / r["params"]
         atomic_write_json(tmp / "metrics.json", r)
-        atomic_write_json(tmp / "prune.json", dataclasses.asdict(s))
-        save_settings(s, tmp / SETTINGS_FILE)
+        saved = dataclasses.replace(s, overwrite=False)  # a repeat from prune.yaml asks again before replacing
+        atomic_write_json(tmp / "prune.json", dataclasses.asdict(saved))
+        save_settings(saved, tmp / SETTINGS_FILE)
     return st.model, st.tokenizer, st.result
 
 

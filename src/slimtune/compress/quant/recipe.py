@@ -25,7 +25,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +289,7 @@ def _step_finish(s: QuantizeSettings, r: _Reference, tmp: Path, metrics: dict[st
     if (r.src / "recipe.yaml").is_file():
         shutil.copy2(r.src / "recipe.yaml", tmp / "recipe.yaml")
     atomic_write_json(tmp / "metrics.json", metrics)
-    save_settings(s, tmp / SETTINGS_FILE)
+    save_settings(replace(s, overwrite=False), tmp / SETTINGS_FILE)  # a repeat from quantize.yaml asks again
 
 
 def _recover(model: Any, ptq: Any, cfg: Any, src: Path, tok: Any, names: list[str], data: Any,

@@ -15,7 +15,6 @@ and fp32 (they also pick the int8 backend), no gate for the weight-only formats 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -140,13 +139,6 @@ class QuantizeSettings:
         if out.resolve() == src.resolve():
             raise QuantizeError("--output must differ from --model (the fp32 model is the reference)")
         check_output(out, overwrite=self.overwrite)
-        try:  # check_classifier_model read this config.json already: it is valid JSON
-            positions = json.loads((src / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
-        except (OSError, ValueError):
-            positions = None
-        if isinstance(positions, int) and self.seq_len > positions:
-            raise QuantizeError(f"--seq-len {self.seq_len}: the model has only {positions} positions "
-                                f"(max_position_embeddings in {src / 'config.json'})")
 
 
 def _describe(cfg: Any) -> str:
