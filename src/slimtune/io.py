@@ -13,6 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# mkstemp/mkdtemp create 0600 files and 0700 folders; artifacts get the usual umask modes instead
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file + ``os.replace`` (atomic on POSIX)."""
@@ -24,6 +29,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -69,6 +75,7 @@ class _AtomicDir:
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.tmp-"))
+        os.chmod(self.tmp, DIR_MODE)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -539,6 +539,12 @@ def _evaluate(loop: _Loop) -> bool:
     loop.model.train()
     if dp.distributed:
         result = broadcast_object(result)
+    bad = {k: v for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:  # never logged (a bare NaN is not JSON) nor compared: stop like a non-finite training loss
+        k, v = next(iter(bad.items()))
+        raise NonFiniteLossError(f"evaluation {k} is {v} at step {st.step}; stopped. Last good checkpoint: "
+                                 f"{latest_checkpoint(loop.ckpt_dir) or 'none yet'}. Try a lower train.lr or "
+                                 f"train.precision=fp32.")
     loop.log.write(st.step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
     value = loop.sign * float(result[metric])
     if st.best is None or value > st.best:
