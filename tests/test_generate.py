@@ -110,7 +110,7 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(lm) -> None:  # noqa: ANN0
     for narrow in (SamplingConfig(max_new_tokens=12, temperature=1.5, top_k=1, seed=3),
                    SamplingConfig(max_new_tokens=12, temperature=1.5, top_p=1e-6, seed=3)):
         assert generate_ids(model, tok, ids, narrow)[0].token_ids == greedy
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(ValueError, match="--top-p: must be in"):
         SamplingConfig(top_p=0).validate()
 
 

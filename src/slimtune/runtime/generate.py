@@ -23,12 +23,13 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from slimtune.config.fields import RecipeError, check_ranges, setting
 from slimtune.data.chat import ChatRenderer, Message
 from slimtune.models.loading import ModelError, load_model, load_tokenizer, refuse_pickle_only
 
@@ -37,25 +38,49 @@ from slimtune.models.loading import ModelError, load_model, load_tokenizer, refu
 class SamplingConfig:
     """How tokens are chosen and when generation stops."""
 
-    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per answer."})
-    temperature: float = field(default=0.0, metadata={"help": "0: greedy (arg-max); > 0: sample from softmax(logits / temperature)."})
-    top_p: float = field(default=1.0, metadata={"help": "Sampling: keep the smallest set of tokens whose probability reaches top_p (1: all)."})
-    top_k: int = field(default=0, metadata={"help": "Sampling: keep the k most likely tokens (0: all)."})
-    stop: list[str] = field(default_factory=list, metadata={"help": "Stop strings: generation ends where one appears (it is not part of the answer)."})
-    seed: int | None = field(default=None, metadata={"help": "Seed of the sampler (same seed, same text); None: torch's global RNG."})
+    max_new_tokens: int = setting(256, "Most tokens generated per answer.", ge=1)
+    temperature: float = setting(0.0, "0: greedy (arg-max); > 0: sample from softmax(logits / temperature).", ge=0)
+    top_p: float = setting(1.0, "Sampling: keep the smallest set of tokens whose probability reaches top_p (1: all).", gt=0, le=1)
+    top_k: int = setting(0, "Sampling: keep the k most likely tokens (0: all).", ge=0)
+    stop: list[str] = setting([], "Stop strings: generation ends where one appears (it is not part of the answer). Repeatable.")
+    seed: int | None = setting(None, "Seed of the sampler (same seed, same text); None: torch's global RNG.")
 
     def validate(self) -> None:
-        """Raise ValueError for values out of range."""
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        """Raise RecipeError for values out of range (naming the flag)."""
+        check_ranges(self, "--")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise RecipeError("--stop: stop strings must be non-empty")
+
+
+@dataclass
+class GenerateSettings(SamplingConfig):
+    """Everything ``slimtune generate`` does: what to load, where prompts come from, how to sample."""
+
+    model: str | None = setting(None, "Model folder (merged, or a PEFT adapter folder such as OUT/adapter), or an alias.")
+    adapter: str | None = setting(None, "A PEFT adapter folder to apply onto --model.")
+    prompt: str | None = setting(None, "One prompt (a user message); without --prompt or --input: read stdin (JSON messages, {\"messages\": [...]}, or plain text).")
+    input: str | None = setting(None, "JSONL of prompts: chat / alpaca / prompt(-completion) / text rows (a trailing answer is kept as the reference).")
+    output: str | None = setting(None, "With --input: answers JSONL to write (default: stdout).")
+    system: str | None = setting(None, "A system message put before the prompt (--prompt or stdin text).")
+    chat_template: bool = setting(True, "Render the prompt with the model's chat template (--no-chat-template sends the raw text).")
+    batch_size: int = setting(8, "Prompts per batch with --input.", ge=1)
+    skip_bad_rows: bool = setting(False, "With --input: count and skip malformed rows.")
+    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "Dtype the weights are loaded in.")
+    stream: bool = setting(True, "Print a single answer token by token as it is made (--no-stream: when complete).")
+
+    def validate(self) -> None:
+        """Ranges, then the rules between fields."""
+        super().validate()
+        if not self.model:
+            raise RecipeError("--model: is required (a model folder or alias)")
+        if self.prompt is not None and self.input:
+            raise RecipeError("--prompt and --input: give one of them, not both")
+        if self.output and not self.input:
+            raise RecipeError("--output needs --input (a single answer goes to stdout)")
+
+    def sampling(self) -> SamplingConfig:
+        """Just the sampling settings."""
+        return SamplingConfig(**{f.name: getattr(self, f.name) for f in fields(SamplingConfig)})
 
 
 @dataclass

@@ -420,15 +420,15 @@ def _setup_resume(loop: _Loop) -> None:
     """
     cfg, dp = loop.cfg, loop.dp
     resumed = latest_checkpoint(loop.ckpt_dir) if cfg.resume else None
+    if dp.distributed:  # first: every rank then checks the same checkpoint (and raises alike)
+        resumed = broadcast_object(resumed)
+        dp.seed_ranks(cfg.seed)
     if resumed is not None:
         if loop.fingerprint is not None:
             check_same_run(resumed, loop.fingerprint)
         _check_position(resumed, num_batches(len(loop.data), cfg.batch_size), loop.total_steps)
-    if not cfg.resume and dp.is_main and loop.ckpt_dir.is_dir():
+    elif not cfg.resume and dp.is_main and loop.ckpt_dir.is_dir():
         shutil.rmtree(loop.ckpt_dir)
-    if dp.distributed:
-        resumed = broadcast_object(resumed)
-        dp.seed_ranks(cfg.seed)
     if resumed is not None:
         loop.state = load_checkpoint(resumed, loop.model, loop.opt, loop.sched, dp=dp, seed=cfg.seed)
         if dp.is_main:
