@@ -224,7 +224,7 @@ def test_generate_command(tuned: dict[str, Path], capsys: pytest.CaptureFixture[
     assert [r["generated"] for r in got] == [g.text for g in lib]  # batched (left-padded) == the library
     assert got[0]["reference"] == "fresh" and "reference" not in got[1] and [r["line"] for r in got] == [1, 2, 3]
     rc, _, err = _cli(["--model", out, "--prompt", "x", "--top-p", "0"], capsys)
-    assert rc == 2 and "top_p must be in (0, 1]" in err
+    assert rc == 2 and "--top-p: must be in (0, 1]" in err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, "{oops"])
     rc, _, err = _cli(["--model", out, "--input", bad], capsys)
     assert rc == 2 and "bad.jsonl:2: invalid JSON" in err
