@@ -394,7 +394,10 @@ def test_saved_distill_recipe_round_trips(tmp_path: Path, capsys: pytest.Capture
     assert tree["distill"]["student_layer_map"] == [0, 2] and tree["distill"]["kl_direction"] == "reverse"
     assert tree["distill"]["intermediate"] is True and tree["train"]["lr"] == 3e-4
     capsys.readouterr()
-    assert main(["validate", str(saved)]) == 0
+    # validate catches what distill would reject: re-running into the finished folder needs --overwrite
+    assert main(["validate", str(saved)]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert main(["validate", str(saved), "overwrite=true"]) == 0
     assert "OK" in capsys.readouterr().out
     recipe = resolve(load_yaml(saved), str(saved))
     assert recipe.distill == DistillConfig(student_layer_map=[0, 2], alpha=0.3, temperature=1.5, kl_direction="reverse",

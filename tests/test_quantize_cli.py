@@ -196,14 +196,15 @@ def test_gates_apply_to_every_scheme_and_write_nothing(setup, capsys) -> None:
     """int4 at a few dB used to be accepted with --min-sqnr 100 (the gates were int8-only)."""
     tmp, model, ev = setup
     out = tmp / "gated"
-    out.mkdir()
-    (out / "keep.txt").write_text("an older output")
+    rc, text = _run(capsys, "--model", str(model), "--scheme", "int4", "--output", str(out), *FAST)  # an older output
+    assert rc == 0, text
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     for scheme in ("int4", "nf4", "kmeans"):
         rc, text = _run(capsys, "--model", str(model), "--scheme", scheme, "--eval", str(ev), "--min-sqnr", "100",
-                        "--output", str(out), *FAST)
+                        "--output", str(out), "--overwrite", *FAST)
         assert rc == 2 and f"--scheme {scheme}: logits SQNR" in text and "< --min-sqnr 100 dB" in text, text
         assert "nothing written" in text and "Traceback" not in text
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the older output is untouched
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the older output is untouched
     assert not [p for p in tmp.iterdir() if p.name.startswith(".gated")]  # no temp folder left
 
 

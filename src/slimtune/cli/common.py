@@ -10,7 +10,13 @@ from typing import Any
 
 import yaml
 
-from slimtune.config.fields import add_flags, save_settings, settings_dict, settings_from_args
+from slimtune.config.fields import (
+    add_flags,
+    load_yaml,
+    save_settings,
+    settings_dict,
+    settings_from_args,
+)
 
 
 def add_settings_arguments(p: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = ()) -> None:
@@ -26,8 +32,26 @@ def add_print_config(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(cls: type, args: argparse.Namespace, command: str, section: str | None = None) -> Any:
-    """The validated settings of a command (``--config`` file, then flags)."""
-    return settings_from_args(cls, args, section=section or command, command=command)
+    """The validated settings of a command (``--config`` file, then flags).
+
+    With ``--print-config`` nothing is written, so the guard against replacing a finished output
+    folder does not apply: the settings are validated as if ``--overwrite`` were given, and
+    printed with the value the user gave.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not (getattr(args, "print_config", False) and "overwrite" in names):
+        return settings_from_args(cls, args, section=section or command, command=command)
+    given = args.overwrite
+    args.overwrite = True
+    try:
+        obj = settings_from_args(cls, args, section=section or command, command=command)
+    finally:
+        args.overwrite = given
+    if given is None and getattr(args, "config", None):  # the value the --config file gives, if any
+        tree = load_yaml(args.config)
+        tree = tree.get(section or command, tree) if isinstance(tree.get(section or command), dict) else tree
+        given = tree.get("overwrite")
+    return dataclasses.replace(obj, overwrite=bool(given))
 
 
 def print_config(args: argparse.Namespace, settings: Any) -> bool:
