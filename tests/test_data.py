@@ -41,10 +41,10 @@ def test_csv_string_labels_and_jsonl(tmp_path):
     assert d.labels == [1, 0]
 
 
-def test_integer_labels_keep_their_ids(tmp_path):
+def test_integer_labels_are_ordered_by_value_without_phantom_classes(tmp_path):
     p = tmp_path / "t.tsv"
     p.write_text("text\tlabel\na\t2\nb\t0\n")
-    assert load_classification(p).label_names == ["0", "1", "2"]
+    assert load_classification(p).label_names == ["0", "2"]  # not ["0", "1", "2"]: no row has label 1
 
 
 @pytest.mark.parametrize("content, match", [

@@ -13,6 +13,7 @@ several times, which is most of slimtune's training speed-up over a random-batch
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -57,17 +58,22 @@ def read_rows(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[list[st
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     suffix = p.suffix.lower()
+    raw = p.read_bytes()
     try:
-        text = p.read_text(encoding=encoding)
+        text = raw.decode(encoding)
     except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not valid {encoding} text ({e.reason} at byte {e.start}); "
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not valid {encoding} text ({e.reason}, byte {e.start}); "
                         f"set data.encoding (e.g. latin-1)") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
     if not text.strip():
         raise DataError(f"{p}: file is empty")
     rows: list[tuple[int, dict[str, Any]]] = []
     if suffix in (".jsonl", ".json", ".ndjson"):
         columns: list[str] = []
-        for i, line in enumerate(text.splitlines(), start=1):
+        # split on newlines only: str.splitlines() also splits inside strings at U+2028, U+0085 ...
+        for i, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -82,10 +88,11 @@ def read_rows(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[list[st
             rows.append((i, obj))
         return columns, rows
     _set_csv_limit()
+    # csv ends a record only at \r or \n (str.splitlines() would also split at U+2028 inside a field)
     if suffix == ".tsv":
-        reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     elif suffix == ".csv":
-        reader = csv.reader(text.splitlines(keepends=True))
+        reader = csv.reader(io.StringIO(text, newline=""))
     else:
         raise DataError(f"{p}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
     try:
@@ -164,11 +171,9 @@ def build_label_names(raw: Sequence[str]) -> list[str]:
     if not uniq:  # an unlabelled file
         return []
     if all(u.lstrip("-").isdigit() for u in uniq):
-        ints = sorted(int(u) for u in uniq)
-        if ints[0] >= 0 and ints[-1] < 1000:
-            # Dense ids 0..max, so a label's integer value is its id (0 negative stays 0).
-            return [str(i) for i in range(ints[-1] + 1)]
-        return [str(i) for i in ints]
+        # By value, and only the labels present: {0, 1} keep ids 0 and 1; {0, 2} are two classes
+        # (ids 0 and 1, named "0" and "2"), never a phantom class "1" that no row has.
+        return [str(i) for i in sorted(int(u) for u in uniq)]
     return uniq
 
 
