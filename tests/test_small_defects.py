@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from slimtune.config.recipe import TrainConfig
-from slimtune.data.datasets import DataError, load_classification, read_rows, tokenize_classification
+from slimtune.data.datasets import (
+    DataError,
+    load_classification,
+    read_rows,
+    tokenize_classification,
+)
 from slimtune.io import atomic_dir, atomic_write_text
 from slimtune.methods import get_method
 from slimtune.models.loading import load_model, load_tokenizer
