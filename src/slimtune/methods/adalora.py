@@ -50,23 +50,9 @@ class AdaLoraMethodConfig:
     export: Literal["both", "merged", "adapter"] = setting("both", "adalora: what to write: merged model, PEFT adapter under adapter/, or both.")
 
     def validate(self, recipe: Any) -> None:
-
-        if self.init_r < 1:
-            raise RecipeError(f"method.init_r: must be >= 1, got {self.init_r}")
         if not 1 <= self.target_r < self.init_r:
             # target_r == init_r would ask PEFT to mask 0 triplets (torch.kthvalue(k=0) fails).
             raise RecipeError(f"method.target_r: must be in [1, init_r={self.init_r}), got {self.target_r}")
-        if self.alpha <= 0:
-            raise RecipeError(f"method.alpha: must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise RecipeError(f"method.dropout: must be in [0, 1), got {self.dropout}")
-        if self.delta_t < 1:
-            raise RecipeError(f"method.delta_t: must be >= 1, got {self.delta_t}")
-        if self.orth_reg_weight < 0:
-            raise RecipeError(f"method.orth_reg_weight: must be >= 0, got {self.orth_reg_weight}")
-        for key in ("beta1", "beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise RecipeError(f"method.{key}: must be in [0, 1), got {getattr(self, key)}")
         steps = getattr(getattr(recipe, "train", None), "max_steps", -1)
         if steps > 0:  # with epochs the step count is known only after reading the data
             schedule(self, steps)

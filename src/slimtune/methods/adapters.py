@@ -80,9 +80,6 @@ class AdapterMethodConfig:
     export: Literal["both", "adapter"] = setting("both", "adapters: adapter folder only, or also the whole model (loadable without the base).")
 
     def validate(self, recipe: Any) -> None:
-
-        if self.size < 1:
-            raise RecipeError(f"method.size: must be >= 1, got {self.size}")
         for key in ("attention_modules", "ffn_modules"):
             for pat in getattr(self, key) or []:
                 try:

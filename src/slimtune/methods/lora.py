@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from slimtune.config.fields import RecipeError, setting
+from slimtune.config.fields import setting
 from slimtune.methods import MethodContext, register_method
 from slimtune.methods._peft import default_target_modules, export_peft, peft_task_type
 
@@ -29,14 +29,6 @@ class LoraMethodConfig:
     target_modules: list[str] | None = setting(None, "lora: module names to adapt; None: every linear layer of the transformer blocks (detected per architecture).")
     export: Literal["both", "merged", "adapter"] = setting("both", "lora: what to write: merged model, PEFT adapter under adapter/, or both.")
 
-    def validate(self, recipe: Any) -> None:
-
-        if self.r < 1:
-            raise RecipeError(f"method.r: must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise RecipeError(f"method.alpha: must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise RecipeError(f"method.dropout: must be in [0, 1), got {self.dropout}")
 
 
 class LoraMethod:

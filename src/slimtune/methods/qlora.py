@@ -35,7 +35,7 @@ from torch import nn
 
 from slimtune.compress.quant.codebook import NF4_CODE, encode_nf4
 from slimtune.compress.quant.linear import unpack_bits
-from slimtune.config.fields import RecipeError, setting
+from slimtune.config.fields import setting
 from slimtune.methods import MethodContext, register_method
 from slimtune.methods._peft import default_target_modules, export_peft, peft_task_type
 
@@ -51,15 +51,6 @@ class QLoraMethodConfig:
     block_size: int = setting(64, "qlora: consecutive base weights sharing one absmax (QLoRA: 64).", ge=2)
     export: Literal["both", "merged", "adapter"] = setting("both", "qlora: what to write: merged model (dequantized base + LoRA), PEFT adapter under adapter/, or both.")
 
-    def validate(self, recipe: Any) -> None:
-        if self.r < 1:
-            raise RecipeError(f"method.r: must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise RecipeError(f"method.alpha: must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise RecipeError(f"method.dropout: must be in [0, 1), got {self.dropout}")
-        if self.block_size < 2:
-            raise RecipeError(f"method.block_size: must be >= 2, got {self.block_size}")
 
 
 class _NF4Matmul(torch.autograd.Function):
