@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from slimtune.cli.common import print_config
 from slimtune.cli.recipe_flags import (
     add_nproc,
     add_recipe_flags,
     recipe_flags,
     recipe_from_args,
-    relaunch_training,
+    start_training,
 )
 from slimtune.compress.distill.recipe import run_distill
 from slimtune.compress.distill.settings import DistillConfig
 from slimtune.train import distributed
-from slimtune.train.finetune import print_finetune_result, resolve_data_defaults
+from slimtune.train.finetune import print_finetune_result
 
 
 def distill_recipe_from_args(args: argparse.Namespace) -> tuple[Any, DistillConfig]:
@@ -31,12 +30,8 @@ def distill_recipe_from_args(args: argparse.Namespace) -> tuple[Any, DistillConf
 def run(args: argparse.Namespace) -> int:
     """``slimtune distill``: build a student, distil, export, print the report."""
     recipe, dcfg = distill_recipe_from_args(args)
-    if getattr(args, "print_config", False):
-        resolve_data_defaults(recipe)  # data.max_length: auto -> the value the run will use
-    if print_config(args, recipe.to_dict()):
-        return 0
-    rc = relaunch_training(args, recipe, "distill")
-    if rc is not None:  # this process only launched the ranks (torch.distributed.run)
+    rc = start_training(args, recipe)
+    if rc is not None:  # --print-config, or this process only launched the ranks
         return rc
     try:
         result = run_distill(recipe, dcfg)

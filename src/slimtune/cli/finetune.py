@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-from slimtune.cli.common import print_config
 from slimtune.cli.recipe_flags import (
     add_nproc,
     add_recipe_flags,
     recipe_epilog,
     recipe_flags,
     recipe_from_args,
-    relaunch_training,
+    start_training,
 )
 from slimtune.config.fields import RecipeError
 from slimtune.config.recipe import Recipe
 from slimtune.train import distributed
-from slimtune.train.finetune import print_finetune_result, resolve_data_defaults, run_finetune
+from slimtune.train.finetune import print_finetune_result, run_finetune
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,12 +41,8 @@ def finetune_recipe_from_args(args: argparse.Namespace) -> Recipe:
 def run(args: argparse.Namespace) -> int:
     """Fine-tune, export and print the result table."""
     recipe = finetune_recipe_from_args(args)
-    if getattr(args, "print_config", False):
-        resolve_data_defaults(recipe)  # data.max_length: auto -> the value the run will use
-    if print_config(args, recipe.to_dict()):
-        return 0
-    rc = relaunch_training(args, recipe, "finetune")
-    if rc is not None:  # this process only launched the ranks (torch.distributed.run)
+    rc = start_training(args, recipe)
+    if rc is not None:  # --print-config, or this process only launched the ranks
         return rc
     try:
         result = run_finetune(recipe)

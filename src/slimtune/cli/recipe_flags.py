@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from slimtune.cli.common import add_print_config
+from slimtune.cli.common import add_print_config, print_config
 from slimtune.compress.distill.settings import DistillConfig
 from slimtune.config.fields import (
     RecipeError,
@@ -33,6 +33,7 @@ from slimtune.config.recipe import SECTIONS, Recipe, field_help, resolve
 from slimtune.methods import method_names
 from slimtune.methods.lora import LoraMethodConfig
 from slimtune.train import distributed
+from slimtune.train.finetune import resolve_data_defaults
 
 # Top-level Recipe fields with a flag, and the recipe key each one sets.
 _TOP_KEYS = {"output": "output", "overwrite": "overwrite", "method_name": "method.name"}
@@ -162,13 +163,19 @@ def add_nproc(p: argparse.ArgumentParser) -> None:
                         "(train.batch_size stays the global batch; see docs/distributed.md)")
 
 
-def relaunch_training(args: argparse.Namespace, recipe: Any, command: str) -> int | None:
-    """Check a training command's recipe, then re-launch the command as ``--nproc`` ranks if asked.
+def start_training(args: argparse.Namespace, recipe: Any) -> int | None:
+    """What ``finetune`` and ``distill`` do before training: ``--print-config``, checks, ranks.
 
-    Raises RecipeError (exit 2) when ``data.train`` or ``output`` is missing. Returns the exit
-    code of ``torch.distributed.run`` when this process only launched the ranks, else None: the
-    caller runs the job itself (single process, or one rank under torchrun).
+    With ``--print-config`` prints the resolved recipe (``data.max_length: auto`` resolved as the
+    run will) and returns 0. Otherwise raises RecipeError (exit 2) when ``data.train`` or
+    ``output`` is missing, and re-launches the command as ``--nproc`` ranks if asked, returning
+    the exit code of ``torch.distributed.run``. None: the caller runs the job itself (single
+    process, or one rank under torchrun).
     """
+    if getattr(args, "print_config", False):
+        resolve_data_defaults(recipe)
+        print_config(args, recipe.to_dict())
+        return 0
     if recipe.data.train is None:
         raise RecipeError("--train (data.train) is required")
     if recipe.output is None:
