@@ -265,7 +265,7 @@ def test_finetune_sft_every_method(method: str, model_dir: Path, files: dict[str
     m = run_finetune(_recipe(model_dir, files, tmp_path / method, method, steps, packing=method == "lora"))
     assert m["sft"] and m["chat_template"] == "model" and m["train"]["steps"] == steps
     assert m["answer_perplexity"] == m["perplexity"] and m["answer_perplexity_before"] == m["perplexity_before"]
-    assert 0 < m["trainable_params"] < m["params"] or method == "full"
+    assert (m["trainable_params"] == m["params"]) if method == "full" else (0 < m["trainable_params"] < m["params"])
     assert m["peak_rss_mb"] > 0 and "exact_match" in m and "accuracy" in m and len(m["samples"]) == 5
     assert m["data"]["train"]["examples"] == 48 and m["data"]["eval"]["examples"] == 12
     assert (m["data"]["train"]["packed_blocks"] or 0) > 0 if method == "lora" else m["data"]["train"]["packed_blocks"] is None

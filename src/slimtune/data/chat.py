@@ -60,7 +60,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from slimtune.data.datasets import DataError, TokenizedData
+from slimtune.data.datasets import DataError, TokenizedData, _pad_id
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CHAT_FORMATS = ("chat", "alpaca", "prompt-completion")
@@ -127,7 +127,7 @@ def _iter_json(path: Path, text: str, skip_bad_rows: bool) -> tuple[list[tuple[i
         return _iter_json_array(path, text), 0
     rows: list[tuple[int, Any]] = []
     bad = 0
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -181,7 +181,7 @@ def _first_object(path: Path, encoding: str) -> tuple[int, Any] | None:
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         rows = _iter_json_array(path, text)
         return rows[0] if rows else None
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
         if line.strip():
             try:
                 return i, json.loads(line)
@@ -521,13 +521,6 @@ def _answer_pieces(prompt: str, answer: str) -> list[tuple[str, bool]]:
 # --------------------------------------------------------------------------------------------
 # Tokenizing, truncating, packing
 # --------------------------------------------------------------------------------------------
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if v is not None:
-            return int(v)
-    return 0
 
 
 def _tokenize_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -29,14 +29,13 @@ import importlib.metadata
 import io
 import json
 import random
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimtune.data.datasets import DataError
+from slimtune.data.datasets import DataError, _set_csv_limit
 from slimtune.io import atomic_dir
 from slimtune.models.loading import cache_dir
 
@@ -82,7 +81,7 @@ def _file(dist: importlib.metadata.Distribution, rel: str) -> Path:
 
 
 def _read_csv(text: str, text_col: str, label_col: str, keep: set[str] | None = None) -> list[Row]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    _set_csv_limit()
     rows = []
     for r in csv.DictReader(io.StringIO(text, newline="")):
         label = clean(r.get(label_col) or "")
@@ -122,8 +121,8 @@ def _bbc_news(dist: importlib.metadata.Distribution) -> dict[str, list[Row]]:
 
 def _orange_tab(path: Path) -> list[Row]:
     """An Orange ``.tab`` file: a header row, then type and flag rows, then tab-separated rows."""
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    lines = path.read_text(encoding="utf-8").splitlines()
+    _set_csv_limit()
+    lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")  # not splitlines(): U+2028 is text
     header = lines[0].split("\t")
     try:
         li, ti = header.index("Category"), header.index("Text")
