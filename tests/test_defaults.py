@@ -126,3 +126,26 @@ def test_lr_auto_runs_a_range_test_and_records_the_curve(tmp_path, capsys, tiny_
     assert saved["train"]["lr"] == curve["lr"] and saved["provenance"]["train.lr"]["source"].startswith("auto: lr range")
     assert main(["distill", "--teacher", str(tiny_bert_dir), "--train", train, "--student-layers", "1",
                  "--lr", "auto", "--print-config"]) == 2  # finetune only
+
+
+@pytest.mark.parametrize("row, task", [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "causal-lm"),
+    ({"instruction": "say", "input": "", "output": "yo"}, "causal-lm"),
+    ({"prompt": "say", "completion": "yo"}, "causal-lm"),
+    ({"text": "a b", "label": 1}, "classification"),
+])
+def test_task_is_inferred_from_the_data_when_not_given(tmp_path, row, task):
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps(row) + "\n")
+    r = resolve({"model": {"name": "minilm"}, "data": {"train": str(train)}})
+    assert r.model.task == task
+    assert ("model.task" in r.provenance) == (task == "causal-lm")
+    given = resolve({"model": {"name": "minilm", "task": "classification"}, "data": {"train": str(train)}})
+    assert given.model.task == "classification" and "model.task" not in given.provenance
+
+
+def test_text_for_a_causal_model_folder_is_causal_lm(tmp_path, tiny_llama_dir, tiny_bert_dir):
+    train = tmp_path / "corpus.txt"
+    train.write_text("some words here\n")
+    assert resolve({"model": {"name": str(tiny_llama_dir)}, "data": {"train": str(train)}}).model.task == "causal-lm"
+    assert resolve({"model": {"name": str(tiny_bert_dir)}, "data": {"train": str(train)}}).model.task == "classification"

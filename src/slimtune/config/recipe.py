@@ -11,6 +11,7 @@ them all, so the documentation cannot drift from the code.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,7 @@ def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
                     overwrite=coerce(tree.get("overwrite", False), bool, "overwrite"))
     for name, cls in SECTIONS.items():
         setattr(recipe, name, build_section(cls, tree.get(name) or {}, name))
+    inferred = None if "task" in (tree.get("model") or {}) else infer_task(recipe)
     mtree = dict(tree.get("method") or {"name": "full"})
     mname = mtree.pop("name", "full")
     if mname not in method_names():
@@ -165,6 +167,8 @@ def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     recipe.method_name = mname
     recorded = tree.get("provenance") if isinstance(tree.get("provenance"), dict) else None
     recipe.provenance = apply_method_defaults(recipe, get_method(mname), recorded)
+    if inferred is not None:
+        recipe.provenance["model.task"] = inferred
     if recipe.data.max_length == "auto":  # resolved from the data by the run (slimtune.train.auto)
         recipe.provenance["data.max_length"] = {"value": "auto", "source": "auto (resolved when the data is read)"}
     elif "data.max_length" in (recorded or {}) and recorded["data.max_length"].get("value") == recipe.data.max_length:
@@ -174,6 +178,51 @@ def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
         recipe.distill = build_section(DistillConfig, tree["distill"] or {}, "distill")
     validate(recipe)
     return recipe
+
+
+CAUSAL_ALIASES = ("smollm2",)  # model aliases (slimtune.models.loading.ALIASES) that are causal LMs
+
+
+def _is_causal_model(name: str | None) -> bool:
+    """Whether a model alias or folder is a causal LM (its config.json's architectures say so)."""
+    if not name:
+        return False
+    if name in CAUSAL_ALIASES:
+        return True
+    cfg = Path(name) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in archs)
+
+
+def infer_task(recipe: Recipe) -> dict[str, str] | None:
+    """Set ``model.task`` from the data and the model when the user named none.
+
+    Chat / Alpaca / prompt-completion JSONL is instruction data: causal-lm (the file's shape says
+    it, as ``slimtune finetune --model smollm2 --train chat.jsonl`` expects). A ``.txt`` file for a
+    causal-LM model is raw-LM text. Anything else stays classification. Returns the provenance
+    entry when the task was inferred as causal-lm, else None.
+    """
+    from slimtune.data.chat import detect_format, first_object  # loads torch: config stays lean
+
+    train = recipe.data.train
+    if not train or not Path(train).is_file():
+        return None
+    suffix = Path(train).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        first = first_object(Path(train), recipe.data.encoding)
+        fmt = detect_format(first[1]) if first else None
+        if fmt in ("chat", "alpaca", "prompt-completion"):
+            recipe.model.task = "causal-lm"
+            return {"value": "causal-lm", "source": f"auto ({train} holds {fmt} rows)"}
+    if suffix == ".txt" and _is_causal_model(recipe.model.name):
+        recipe.model.task = "causal-lm"
+        return {"value": "causal-lm", "source": f"auto ({recipe.model.name} is a causal LM, {train} is text)"}
+    return None
 
 
 def validate(recipe: Recipe, check_files: bool = True) -> None:

@@ -175,7 +175,7 @@ def detect_format(obj: Any) -> str | None:
     return None
 
 
-def _first_object(path: Path, encoding: str) -> tuple[int, Any] | None:
+def first_object(path: Path, encoding: str) -> tuple[int, Any] | None:
     """The first parseable row of a JSON/JSONL file (cheap: reads lines until one parses)."""
     text = _read(path, encoding)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
@@ -214,7 +214,7 @@ def data_format(path: str | os.PathLike, fmt: str = "auto", encoding: str = "utf
     p = Path(path)
     if p.is_dir() or p.suffix.lower() not in JSON_SUFFIXES:
         return "text"
-    first = _first_object(p, encoding)
+    first = first_object(p, encoding)
     if first is None:
         raise DataError(f"{p}: no JSON rows")
     line, obj = first
