@@ -45,6 +45,7 @@ BASE: dict[str, list[str]] = {
                  "--max-accuracy-drop", "1"],
     "augment": ["--model", "{bert}", "--input", "{train}", "--output", "{root}/aug.tsv"],
     "generate": ["--model", "{llama}", "--prompt", "the"],
+    "export": ["--model", "{llama}", "--format", "safetensors", "--output", NEW],
 }
 
 
@@ -97,14 +98,19 @@ for _cmd, flag, value in (("prune", "--sparsity", "1.5"),
                           ("serve", "--header-timeout-s", "0")):
     _row(_cmd, f"out of range {flag}", _set(BASE[_cmd], flag, value), flag)
 _row("run", "out of range key", ["{pipeline}", "train.batch_size=0"], "train.batch_size")
-for _cmd in ("finetune", "distill", "evaluate", "prune", "quantize", "bench", "serve", "compress", "augment", "generate"):
+for _cmd in ("finetune", "distill", "evaluate", "prune", "quantize", "bench", "serve", "compress", "augment", "generate",
+             "export"):
     flag = "--teacher" if _cmd == "distill" else "--model"
     _row(_cmd, "missing model", _set(BASE[_cmd], flag, "{root}/nonexistent"), "nonexistent")
-for _cmd in ("finetune", "distill", "evaluate", "prune", "quantize", "bench", "serve", "generate"):
+for _cmd in ("finetune", "distill", "evaluate", "prune", "quantize", "bench", "serve", "generate", "export"):
     flag = "--teacher" if _cmd == "distill" else "--model"
-    _row(_cmd, "pickle-only model", _set(BASE[_cmd], flag, "{llama_pickled}" if _cmd == "generate" else "{pickled}"),
+    _row(_cmd, "pickle-only model", _set(BASE[_cmd], flag, "{llama_pickled}" if _cmd in ("generate", "export") else "{pickled}"),
          "pytorch_model.bin", "--allow-pickle")
-for _cmd in ("finetune", "distill", "prune", "quantize"):
+_row("export", "unknown key", [*BASE["export"], "--config", "{unknown_flat}"], "bogus")
+_row("export", "out of range --check-tokens", _set(BASE["export"], "--check-tokens", "0"), "--check-tokens")
+_row("export", "a format that cannot hold the model", _set(_set(BASE["export"], "--model", "{bert}"), "--format", "gguf"),
+     "a sequence classifier", "GGUF holds decoders")
+for _cmd in ("finetune", "distill", "prune", "quantize", "export"):
     _row(_cmd, "finished output", _set(BASE[_cmd], "--output", "{finished}"), "finished", "--overwrite")
     _row(_cmd, "foreign output", _set(BASE[_cmd], "--output", "{foreign}"), "slimtune did not write")
 _row("validate", "finished output", ["{recipe_finished}"], "finished", "--overwrite")

@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers_chat import make_tiny_chat_llama, polarity_rows, write_jsonl
 from safetensors.torch import load_file
 from tiny import keyword_rows, make_prune_bert, make_quant_bert, random_label_rows, write_tsv
 
+import slimtune.compress.prune.decoder_recipe
 import slimtune.compress.prune.recipe
 import slimtune.compress.quant.recipe
 from slimtune.cli.main import build_parser, main
@@ -44,6 +46,9 @@ class Row:
     error: str | None = None
 
 
+# A causal-LM base for the rows of decoder-only flags (the later --model and --sparsity win).
+DECODER = ["--model", "{dmodel}", "--sparsity", "0"]
+
 PRUNE_ROWS = [
     Row("--config", ["--config", "{prune_recipe}"], "ffn", 0.5, pre=["--importance", "magnitude"]),
     Row("--config", ["--config", "{prune_flat}"], "scope", "layer"),
@@ -60,6 +65,7 @@ PRUNE_ROWS = [
     Row("--heads", ["--heads", "0.5"], error="hidden_size // num_attention_heads"),
     Row("--ffn", ["--ffn", "0.5"], "ffn", 0.5, pre=["--importance", "magnitude"]),
     Row("--layers", ["--layers", "1"], "layers", 1, pre=["--train", "{ptrain}"]),
+    Row("--keep-layers", ["--keep-layers", "1"], "keep_layers", 1.0, pre=["--train", "{ptrain}"]),
     Row("--importance", ["--importance", "magnitude"], "importance", "magnitude"),
     Row("--importance-batches", ["--importance-batches", "3"], "importance_batches", 3),
     Row("--vocab", ["--vocab"], "vocab", True, pre=["--train", "{ptrain}"]),
@@ -68,11 +74,14 @@ PRUNE_ROWS = [
     Row("--vocab-min-count", ["--vocab-min-count", "3"], "vocab_min_count", 3),
     Row("--vocab-chars", ["--vocab-chars"], "vocab_keep_chars", True, pre=["--no-vocab-chars"]),
     Row("--no-vocab-chars", ["--no-vocab-chars"], "vocab_keep_chars", False),
+    Row("--vocab-top", ["--vocab-top", "20"], "vocab_top", 20, pre=[*DECODER, "--vocab", "--train", "{dtrain}"]),
     Row("--recover-steps", ["--recover-steps", "5"], "recover_steps", 5, pre=["--train", "{ptrain}"]),
     Row("--kd", ["--kd"], "kd", True, pre=["--train", "{ptrain}", "--recover-steps", "2"]),
     Row("--no-kd", ["--no-kd"], "kd", False, pre=["--train", "{ptrain}", "--recover-steps", "2", "--kd"]),
     Row("--kd-temperature", ["--kd-temperature", "4"], "kd_temperature", 4.0),
     Row("--kd-alpha", ["--kd-alpha", "0.9"], "kd_alpha", 0.9),
+    Row("--kd-positions", ["--kd-positions", "answer"], "kd_positions", "answer",
+        pre=[*DECODER, "--keep-layers", "1", "--train", "{dtrain}", "--recover-steps", "2", "--kd"]),
     Row("--lr", ["--lr", "0.003"], "lr", 0.003),
     Row("--batch-size", ["--batch-size", "8"], "batch_size", 8),
     Row("--max-length", ["--max-length", "64"], "max_length", 64),
@@ -134,6 +143,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "pmodel": make_prune_bert(root / "pmodel"), "pmodel2": make_prune_bert(root / "pmodel2", seed=1),
         "ptrain": write_tsv(root / "ptrain.tsv", keyword_rows(48)),
         "peval": write_tsv(root / "peval.tsv", keyword_rows(16, seed=1)),
+        "dmodel": make_tiny_chat_llama(root / "dmodel"), "dtrain": write_jsonl(root / "dtrain.jsonl", polarity_rows(8)),
         "qmodel": make_quant_bert(root / "q1"), "qmodel2": make_quant_bert(root / "q2", seed=1),
         "qeval": write_tsv(root / "qeval.tsv", random_label_rows(24)),
         "out": root / "out", "out2": root / "out2",
@@ -154,6 +164,7 @@ def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("--print-config loaded weights")
 
     monkeypatch.setattr(slimtune.compress.prune.recipe, "load_model", refuse)
+    monkeypatch.setattr(slimtune.compress.prune.decoder_recipe, "load_model", refuse)
     monkeypatch.setattr(slimtune.compress.quant.recipe, "load_model", refuse)
 
 

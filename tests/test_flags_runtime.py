@@ -60,6 +60,8 @@ ROWS: dict[str, dict[str, tuple[list[str], str, Any]]] = {
         "--lr": (["--lr", "0.001"], "lr", 0.001),
         "--batch-size": (["--batch-size", "8"], "batch_size", 8),
         "--recover-steps": (["--recover-steps", "3"], "recover_steps", 3),
+        "--static-dims": (["--static-dims", "32,8"], "static_dims", [32, 8]),
+        "--static-epochs": (["--static-epochs", "2.5"], "static_epochs", 2.5),
         "--alpha": (["--alpha", "0.25"], "alpha", 0.25),
         "--temperature": (["--temperature", "4"], "temperature", 4.0),
         "--threads": (["--threads", "2"], "threads", 2),
@@ -87,10 +89,12 @@ ROWS: dict[str, dict[str, tuple[list[str], str, Any]]] = {
     "serve": {
         "--config": (["--config", "{serve_yaml}"], "port", 9001),
         "--model": (["--model", "{bert2}"], "model", "{bert2}"),
+        "--model-id": (["--model-id", "my-llm"], "model_id", "my-llm"),
         "--host": (["--host", "0.0.0.0"], "host", "0.0.0.0"),
         "--port": (["--port", "8123"], "port", 8123),
         "--max-batch-size": (["--max-batch-size", "4"], "max_batch_size", 4),
         "--max-wait-ms": (["--max-wait-ms", "2.5"], "max_wait_ms", 2.5),
+        "--max-batch-tokens": (["--max-batch-tokens", "4096"], "max_batch_tokens", 4096),
         "--max-queue": (["--max-queue", "7"], "max_queue", 7),
         "--api-key": (["--api-key", "s3cret"], "api_key", "***"),  # masked when printed
         "--max-texts": (["--max-texts", "3"], "max_texts", 3),
@@ -208,7 +212,7 @@ def test_every_flag_has_a_row_and_the_count() -> None:
     n = len(PAIRS)
     print(f"flag contract: {n} command x flag pairs covered "
           + ", ".join(f"{c} {len(flags_of(c))}" for c in COMMANDS))
-    assert n == sum(len(r) for r in ROWS.values()) == 86
+    assert n == sum(len(r) for r in ROWS.values()) == 90
 
 
 @pytest.mark.parametrize("cmd, flag", PAIRS, ids=[f"{c} {f}" for c, f in PAIRS])
@@ -338,7 +342,7 @@ def test_compress_gates_follow_the_flags(paths: dict[str, str], tmp_path: Path,
     acc = next(c for c in cands if c["name"] == "input")["accuracy"]
     assert s["min_accuracy"] == pytest.approx(acc - 1.0)
     ok = [c for c in cands if c["status"] == "ok"]
-    assert {c["name"] for c in ok} == {"input", "L1", "L1-ffn50"} and all(c["meets_constraints"] for c in ok)
+    assert {c["name"] for c in ok} == {"input", "S32", "L1", "L1-ffn50"} and all(c["meets_constraints"] for c in ok)
     assert s["best"] == min(ok, key=lambda c: c["size_mb"])["name"]  # --prefer size
     saved = yaml.safe_load((out / "compress.yaml").read_text())
     assert saved["prefer"] == "size" and saved["quant"] == ["none"]

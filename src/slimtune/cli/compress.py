@@ -15,7 +15,7 @@ from slimtune.report.html import enrich, markdown_table
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``slimtune compress``: ``--config``, one flag per :class:`CompressSettings` field, ``--print-config``."""
     add_settings_arguments(p, CompressSettings)
-    comma_lists(p, ("depths", "ffn", "quant"))
+    comma_lists(p, ("depths", "ffn", "quant", "static_dims"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,13 +21,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("slimtune.cli.validate", "check a recipe (keys, types, files) without loading weights"),
     "distill": ("slimtune.cli.distill", "distil a fine-tuned teacher into a smaller student (logit + intermediate KD)"),
     "augment": ("slimtune.cli.augment", "grow a transfer set for distillation (TinyBERT-style word replacement)"),
-    "prune": ("slimtune.cli.prune", "prune a fine-tuned classifier: unstructured/2:4, heads + FFN, vocabulary"),
+    "prune": ("slimtune.cli.prune", "prune a classifier (unstructured/2:4, layers + FFN, vocabulary) or a causal LM (layers, FFN, KV heads, vocabulary)"),
     "quantize": ("slimtune.cli.quantize", "quantize a classifier (int8 on the fastest CPU backend, int4, nf4, k-means)"),
     "bench": ("slimtune.cli.bench", "size, params, latency p50/p95, throughput and memory of model folders, side by side"),
     "run": ("slimtune.cli.run", "run a pipeline recipe: finetune → distill → prune → quantize → evaluate → bench → report"),
     "serve": ("slimtune.cli.serve", "HTTP inference API with dynamic batching (see docs/serving.md)"),
     "compress": ("slimtune.cli.compress", "search distillation x pruning x int8 for the smallest/fastest model within an accuracy drop"),
     "generate": ("slimtune.cli.generate", "generate text with a causal LM (prompt, chat on stdin, or JSONL in/out; streamed)"),
+    "export": ("slimtune.cli.export", "export to GGUF (llama.cpp), ONNX (onnxruntime) or clean safetensors, checked against transformers"),
 }
 
 

@@ -1,4 +1,4 @@
-"""slimtune serve: HTTP inference API with dynamic batching (see docs/serving.md). Every flag is a field of slimtune.serve.settings.ServeConfig; --config reads them from YAML (a serve: section or a flat file)."""
+"""slimtune serve: HTTP inference API (classifiers: /v1/classify with dynamic batching; causal LMs: /v1/generate and the OpenAI-compatible /v1/chat/completions, /v1/completions, /v1/models with continuous batching; see docs/serving.md). Every flag is a field of slimtune.serve.settings.ServeConfig; --config reads them from YAML (a serve: section or a flat file)."""
 
 from __future__ import annotations
 
@@ -42,10 +42,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise RecipeError(str(e)) from None
     warmup(runner)
-    app = create_app(runner, cfg, model_name=Path(cfg.model).name)
+    name = Path(cfg.model).name
+    app = create_app(runner, cfg, model_name=name)
     if cfg.host not in LOOPBACK and cfg.api_key is None:
         logging.getLogger("slimtune").warning("serving on %s without --api-key", cfg.host)
+    openai = f"; OpenAI API at /v1, model id {cfg.model_id or name!r}" if runner.task == "causal-lm" else ""
     print(f"slimtune serve: {runner.task} ({runner.backend}, {runner.device}) from {cfg.model} on "
-          f"http://{cfg.host}:{cfg.port} (docs at /docs)", flush=True)
+          f"http://{cfg.host}:{cfg.port} (docs at /docs{openai})", flush=True)
     run_server(app, cfg)  # connection cap, header/body timeouts, bounded drain on SIGTERM
     return 0

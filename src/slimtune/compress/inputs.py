@@ -74,6 +74,18 @@ def check_classifier_model(name: str, command: str, *, allow_aliases: bool = Tru
         raise RecipeError(f"--model {name}: {reason}; {why}")
 
 
+def is_causal_lm_folder(name: str) -> bool:
+    """Whether ``name`` is a causal-LM alias or a folder whose ``config.json`` says so (no weights read)."""
+    if name in DECODER_ALIASES:
+        return True
+    cfg = Path(name) / "config.json"
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else None
+    except ValueError:
+        return False
+    return isinstance(config, dict) and causal_lm_reason(config) is not None
+
+
 def check_file(flag: str, path: str | None) -> None:
     """Raise ``RecipeError`` ``'--flag PATH: file not found'`` unless ``path`` is None or a file."""
     if path is not None and not Path(path).is_file():

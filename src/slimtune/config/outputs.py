@@ -28,7 +28,7 @@ from slimtune.config.fields import RecipeError
 # Files and folders slimtune writes into the top of an output folder; one of them marks a folder as ours.
 MARKERS = ("recipe.yaml", "metrics.json", "metrics.jsonl", "checkpoints", "stage.json", "prune.yaml",
            "prune.json", "quantize.yaml", "compress.yaml", "compress.json", "run.yaml", "pipeline.yaml",
-           "fingerprint.json")
+           "fingerprint.json", "export.yaml", "export.json")
 _MODEL_FILES = ("config.json", "model.safetensors", "model.onnx", "quantization.json", "adapter")
 
 

@@ -8,6 +8,12 @@ weights are freed. Forward decodes the weight on the fly; backward decodes it ag
 keeping a float copy per layer for the gradient (the frozen weight needs no gradient, only the
 input does), so no float copy of any quantized weight outlives a layer's call.
 
+Memory. With the base in NF4, what a decoder's training step holds is mostly activations, so
+``method.gradient_checkpointing`` (default true, as in the QLoRA paper and PEFT's
+``prepare_model_for_kbit_training``) recomputes each layer's activations in the backward pass.
+Decoding is one table lookup per byte (two weights), so a recomputed forward costs little more
+than its matmuls.
+
 What stays float: embeddings, norms, the LM head (tied to the embeddings in SmolLM2) and the
 classification head, as in QLoRA. The LoRA matrices train in float32.
 
@@ -34,7 +40,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.compress.quant.codebook import NF4_CODE, encode_nf4
-from slimtune.compress.quant.linear import unpack_bits
 from slimtune.config.fields import setting
 from slimtune.methods import MethodContext, register_method
 from slimtune.methods._peft import default_target_modules, export_peft, peft_task_type
@@ -49,6 +54,7 @@ class QLoraMethodConfig:
     dropout: float = setting(0.05, "qlora: dropout on the LoRA input.", ge=0, lt=1)
     target_modules: list[str] | None = setting(None, "qlora: module names to adapt (their base weights go to NF4); None: every linear layer of the transformer blocks.")
     block_size: int = setting(64, "qlora: consecutive base weights sharing one absmax (QLoRA: 64).", ge=2)
+    gradient_checkpointing: bool = setting(True, "qlora: recompute each layer's activations in the backward pass, as QLoRA and PEFT's prepare_model_for_kbit_training do: once the base is 4-bit, activations are most of the training memory (~30% more compute). false: model.gradient_checkpointing decides.")
     export: Literal["both", "merged", "adapter"] = setting("both", "qlora: what to write: merged model (dequantized base + LoRA), PEFT adapter under adapter/, or both.")
 
 
@@ -78,7 +84,9 @@ class NF4Linear(nn.Module):
         meta, t = encode_nf4(linear.weight.detach().float().cpu(), block_size)
         self.register_buffer("qdata", t["qdata"].to(device))  # (numel / 2,) uint8
         self.register_buffer("absmax", t["absmax"].to(device))  # (numel / block_size,) float32
-        self.register_buffer("code", NF4_CODE.clone().to(device), persistent=False)  # (16,)
+        # byte -> (code of its high nibble, code of its low nibble): one lookup decodes two weights
+        pairs = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)
+        self.register_buffer("pairs", pairs.to(device), persistent=False)  # (256, 2)
         self.bias = None
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -90,10 +98,9 @@ class NF4Linear(nn.Module):
         return self.dequantized_weight(self._dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """decode_nf4's arithmetic, with the table on this module's device: (out, in)."""
-        numel = self.in_features * self.out_features
-        codes = unpack_bits(self.qdata, 4, numel).long().view(-1, self.block_size)
-        w = self.code[codes] * self.absmax[:, None]
+        """decode_nf4's values (code * absmax), (out, in): one table lookup per byte (two weights),
+        6x faster than unpacking the nibbles first (1536 x 576 on one core: 1.6 ms vs 9.8 ms)."""
+        w = F.embedding(self.qdata.int(), self.pairs).view(-1, self.block_size).mul_(self.absmax[:, None])
         return w.view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,6 +165,10 @@ class QLoraMethod:
                             lora_dropout=cfg.dropout,
                             target_modules=cfg.target_modules or default_target_modules(model),
                             base_model_name_or_path=ctx.base_model)
+        if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+            # transformers 5 names it activation_checkpointing_enable (the old name warns); non-reentrant
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         model = get_peft_model(model, config)
         model._slimtune_qlora = quantize_lora_bases(model, cfg.block_size)  # read back by export
         return model

@@ -12,6 +12,14 @@ dataclass; unknown keys are rejected naming the key) and an optional ``stages`` 
 ``stages`` the stages are those with a section, in the order above. The WHOLE recipe is
 validated before any weight loads.
 
+Causal LMs (``model.task: causal-lm``, given or inferred from chat/instruction JSONL or text data;
+or, with no finetune stage, a causal-LM input model) run :data:`DECODER_STAGES`: ``finetune`` (any
+method; SFT on chat data, raw LM on text) → ``evaluate`` (``slimtune evaluate``'s figures: answer
+perplexity, exact match, label accuracy and samples on a chat file; perplexity on text) →
+``bench`` (:mod:`slimtune.benchmark.generation`: prompt/prefill latency and decoding ms per
+token) → ``report``. The stages that cannot take a decoder yet (distill, prune, quantize) are
+refused at validation, naming them: the task is never silently changed.
+
 The ``evaluate`` and ``bench`` sections ARE the settings of ``slimtune evaluate`` /
 ``slimtune bench`` (:class:`~slimtune.evaluate.evaluator.EvaluateSettings`,
 :class:`~slimtune.benchmark.settings.BenchSettings`: same keys, help and ranges); the fields the
@@ -41,6 +49,7 @@ from typing import Any
 import torch
 import yaml
 
+from slimtune.benchmark.generation import bench_decoders
 from slimtune.benchmark.latency import bench_models, format_bench, latency_at
 from slimtune.benchmark.settings import BenchSettings
 from slimtune.benchmark.timing import hardware_fingerprint
@@ -50,6 +59,7 @@ from slimtune.compress.prune.recipe import PruneSettings, run_prune
 from slimtune.compress.quant.recipe import QuantizeSettings, run_quantize
 from slimtune.config.fields import check_ranges, default_of, setting
 from slimtune.config.recipe import (
+    CAUSAL_ALIASES,
     RecipeError,
     build_section,
     deep_merge,
@@ -58,8 +68,14 @@ from slimtune.config.recipe import (
     resolve,
     set_path,
 )
+from slimtune.data.chat import is_chat_data
 from slimtune.data.packaged import expand_tree
-from slimtune.evaluate.evaluator import EvaluateSettings, evaluate_model_dir
+from slimtune.evaluate.evaluator import (
+    EvaluateSettings,
+    evaluate_model_dir,
+    model_task,
+    run_evaluate,
+)
 from slimtune.io import atomic_write_json, atomic_write_text, weights_size_mb
 from slimtune.models.loading import check_exists
 from slimtune.models.loading import resolve as resolve_model
@@ -71,6 +87,7 @@ from slimtune.train.finetune import run_finetune
 ORDER = ("finetune", "distill", "prune", "quantize", "evaluate", "bench", "report")
 MODEL_STAGES = ("finetune", "distill", "prune", "quantize")
 SHARED_KEYS = ("output", "model", "data", "train", "method")  # the fine-tune recipe, shared by every stage
+DECODER_STAGES = ("finetune", "evaluate", "bench", "report")  # what a causal LM (SFT or raw LM) runs through
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +123,7 @@ class Plan:
     configs: dict[str, Any]  # stage -> its dataclass (distill: (train overrides, DistillConfig))
     output: Path
     source: str
+    task: str = "classification"  # causal-lm: the decoder chain (finetune → evaluate → bench → report)
 
     def stage_dir(self, name: str) -> Path:
         return self.output / f"{self.stages.index(name) + 1:02d}-{name}"
@@ -135,8 +153,9 @@ def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
         raise RecipeError(f"{source}: 'output' (the pipeline's folder) is required")
     base = {k: tree[k] for k in SHARED_KEYS if k in tree}
     recipe = resolve(base, source)  # model/data/train/method: strict, files checked
-    if recipe.model.task != "classification" and any(s in stages for s in ("distill", "prune", "quantize", "bench")):
-        raise RecipeError("model.task: the compression stages support classification only")
+    task = pipeline_task(recipe, stages)
+    if task == "causal-lm":
+        check_decoder_stages(recipe, stages)
     if recipe.data.train is None and any(s in stages for s in ("finetune", "distill")):
         raise RecipeError("data.train: required by the finetune/distill stages")
     configs: dict[str, Any] = {}
@@ -161,11 +180,52 @@ def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
             cfg = _quantize_settings(cfg, recipe, sec)
         else:  # evaluate, bench, report: the commands' own settings
             _check_stage_settings(cfg, s, recipe)
+            if task == "causal-lm":
+                check_decoder_settings(cfg, s, recipe)
         configs[s] = cfg
     if "finetune" not in stages and any(s in stages for s in MODEL_STAGES):
 
         check_exists(recipe.model.name)
-    return Plan(tree=base, stages=list(stages), configs=configs, output=Path(recipe.output), source=source)
+    return Plan(tree=base, stages=list(stages), configs=configs, output=Path(recipe.output), source=source, task=task)
+
+
+def pipeline_task(recipe: Any, stages: list[str]) -> str:
+    """``causal-lm`` when the run's model is a decoder: ``model.task`` is causal-lm (given, or inferred
+    from chat/instruction or text data), or, with no finetune stage, the input model is a causal LM."""
+    if recipe.model.task == "causal-lm":
+        return "causal-lm"
+    if "finetune" in stages:
+        return recipe.model.task
+    name = recipe.model.name
+    if name in CAUSAL_ALIASES or ((Path(name) / "config.json").is_file() and model_task(name) == "causal-lm"):
+        return "causal-lm"
+    return recipe.model.task
+
+
+def check_decoder_stages(recipe: Any, stages: list[str]) -> None:
+    """A decoder runs :data:`DECODER_STAGES` only: refuse the others by name (never a silent change of task)."""
+    refused = [s for s in stages if s not in DECODER_STAGES]
+    if refused:
+        raise RecipeError(f"stages: {', '.join(refused)} cannot take a causal LM yet ({recipe.model.name} runs as "
+                          f"causal-lm); a decoder runs {' → '.join(DECODER_STAGES)}: remove "
+                          f"{'it' if len(refused) == 1 else 'them'} from the recipe")
+
+
+def check_decoder_settings(cfg: Any, section: str, recipe: Any) -> None:
+    """The evaluate/bench sections of a decoder run: no classifier-only keys; a chat or text eval file."""
+    if section == "evaluate":
+        for key in ("text_column", "text_pair_column", "label_column"):
+            if getattr(cfg, key) is not None:
+                raise RecipeError(f"evaluate.{key}: a causal LM is evaluated on chat/instruction JSONL or text, "
+                                  f"which have no columns; remove it")
+        path = cfg.eval or recipe.data.eval
+        if path is not None and not (Path(path).suffix.lower() == ".txt"
+                                     or is_chat_data(path, recipe.data.format, cfg.encoding or recipe.data.encoding)):
+            raise RecipeError(f"evaluate.eval: {path} is neither chat/instruction JSONL nor .txt text, "
+                              f"which is what a causal LM is evaluated on")
+    if section == "bench" and cfg.eval is not None:
+        raise RecipeError("bench.eval: accuracy inside bench is for classifiers; a causal LM's task metrics come "
+                          "from the evaluate stage (exact match, answer perplexity)")
 
 
 def _stage_list(tree: dict[str, Any], source: str) -> tuple[list[str], dict[str, Any]]:
@@ -359,9 +419,9 @@ def run_pipeline(plan: Plan, *, force: bool = False, log: Any = None) -> dict[st
         elif name == "quantize":
             _run_quantize(plan, cfg, current, d)
         elif name == "evaluate":
-            _run_evaluate(plan, cfg, models, d)
+            (_run_evaluate_decoders if plan.task == "causal-lm" else _run_evaluate)(plan, cfg, models, d)
         elif name == "bench":
-            _run_bench(cfg, models, d)
+            (_run_bench_decoders if plan.task == "causal-lm" else _run_bench)(cfg, models, d)
         elif name == "report":
             _run_report(plan, cfg, models, d)
         seconds = round(time.monotonic() - t0, 1)
@@ -408,6 +468,40 @@ def _run_evaluate(plan: Plan, cfg: EvaluateSettings, models: dict[str, str], d: 
     atomic_write_json(d / "evaluation.json", {"eval_file": path, "models": results})
 
 
+def _run_evaluate_decoders(plan: Plan, cfg: EvaluateSettings, models: dict[str, str], d: Path) -> None:
+    """Every causal LM of the run on ``cfg.eval`` (default ``data.eval``), as ``slimtune evaluate`` does:
+    answer perplexity, exact match / label accuracy and samples on chat data, perplexity on text.
+    ``evaluation.json`` holds them all; ``NAME.metrics.json`` each one."""
+    data = plan.tree.get("data") or {}
+    path = cfg.eval or data.get("eval")
+    results = {}
+    for name, m in models.items():
+        results[name] = run_evaluate(m, path, output=str(d / f"{name}.metrics.json"), batch_size=cfg.batch_size,
+                                     max_length=cfg.max_length or _fixed(data.get("max_length")),
+                                     encoding=cfg.encoding, skip_bad_rows=cfg.skip_bad_rows,
+                                     max_eval_samples=cfg.max_eval_samples)
+        shown = [f"{k.replace('_', ' ')} {results[name][k]:.4f}" for k in ("exact_match", "accuracy", "answer_perplexity",
+                                                                             "perplexity") if k in results[name]]
+        print(f"[slimtune run] evaluate {name}: {', '.join(shown[:3])}", file=sys.stderr)
+    atomic_write_json(d / "evaluation.json", {"eval_file": path, "task": "causal-lm", "models": results})
+
+
+def _run_bench_decoders(cfg: BenchSettings, models: dict[str, str], d: Path) -> None:
+    """Every causal LM of the run timed side by side (prefill latency, decoding ms/token):
+    ``bench.json`` and ``bench.md``."""
+    res = bench_decoders(models, batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens, threads=cfg.threads,
+                         repeats=cfg.repeats, warmup=cfg.warmup, min_seconds=cfg.min_seconds)
+    _restore_threads()
+    atomic_write_json(d / "bench.json", res)
+    lines = ["", "decoding (KV cache, after the prompt):", "", "| model | threads | batch | prompt | ms/token | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for n, r in res["models"].items():
+        lines += [f"| {n} | {e['threads']} | {e['batch_size']} | {e['seq_len']} | {e['decode_ms_per_token']:.2f} | "
+                  f"{e['decode_tokens_per_s']:.1f} |" for e in r["latency"]]
+    atomic_write_text(d / "bench.md", "latency = prefill of the prompt (time to first token)\n" + format_bench(res)
+                      + "\n" + "\n".join(lines) + "\n")
+
+
 def _run_bench(cfg: BenchSettings, models: dict[str, str], d: Path) -> None:
     """Every model of the run timed side by side: ``bench.json`` and ``bench.md``."""
 
@@ -417,6 +511,27 @@ def _run_bench(cfg: BenchSettings, models: dict[str, str], d: Path) -> None:
     _restore_threads()
     atomic_write_json(d / "bench.json", res)
     atomic_write_text(d / "bench.md", format_bench(res) + "\n")
+
+
+# what a report row takes from evaluation.json: a classifier's accuracy; a causal LM's task metrics
+# (accuracy / macro-F1 / per-class: the label an answer names, when the references are a label set)
+REPORT_METRICS = ("accuracy", "macro_f1", "per_class", "exact_match", "no_label", "answer_perplexity", "perplexity")
+
+
+def _decoder_meta(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """One line per causal LM with the figures the report table has no column for."""
+    keys = (("exact_match", "exact match", "{:.4f}"), ("answer_perplexity", "answer perplexity", "{:.3f}"),
+            ("perplexity", "perplexity", "{:.3f}"), ("decode_ms_per_token", "decoding ms/token", "{:.2f}"))
+    out = {}
+    for r in rows:
+        shown = [f"{label} {fmt.format(r[k])}" for k, label, fmt in keys if r.get(k) is not None
+                 and not (k == "perplexity" and r.get("answer_perplexity") is not None)]
+        if shown:
+            out[f"{r['name']} (causal LM)"] = ", ".join(shown)
+    if any(r.get("accuracy") is not None for r in rows):
+        out["accuracy (causal LM)"] = ("the label a generated answer names (the references are a label set); exact "
+                                       "match: the whole normalised answer equals the reference")
+    return out
 
 
 def _run_report(plan: Plan, cfg: ReportSettings, models: dict[str, str], d: Path) -> None:
@@ -437,11 +552,13 @@ def _run_report(plan: Plan, cfg: ReportSettings, models: dict[str, str], d: Path
                              "size_mb": weights_size_mb(m)}
         if ev and name in ev["models"]:
             e = ev["models"][name]
-            r.update(accuracy=e["accuracy"], macro_f1=e["macro_f1"], per_class=e["per_class"])
+            r.update({k: e[k] for k in REPORT_METRICS if k in e})
         if bench and name in bench["models"]:
             lat = latency_at(bench["models"][name], *at)
             if lat:
                 r.update(latency_ms_p50=lat["p50_ms"], latency_ms_p95=lat["p95_ms"])
+                if "decode_ms_per_token" in lat:
+                    r["decode_ms_per_token"] = lat["decode_ms_per_token"]
         if (Path(m) / "metrics.jsonl").is_file() and name != "input":
             r["metrics_jsonl"] = str(Path(m) / "metrics.jsonl")
         rows.append(r)
@@ -452,6 +569,8 @@ def _run_report(plan: Plan, cfg: ReportSettings, models: dict[str, str], d: Path
     meta: dict[str, Any] = {"recipe": plan.source, "stages": " → ".join(plan.stages)}
     if ev:
         meta["accuracy on"] = ev["eval_file"]
+    if plan.task == "causal-lm":
+        meta.update(_decoder_meta(rows))
     if at:
         meta["latency setting"] = f"threads {at[0]}, batch {at[1]}, seq {at[2]}, interleaved, one run"
     meta["hardware"] = bench["hardware"] if bench else hardware_fingerprint()

@@ -4,12 +4,15 @@ Given a fine-tuned classifier (the *teacher*), training and evaluation files and
 accuracy drop, the search builds candidates as a tree, every step calling the stage modules:
 
 - ``v``: vocabulary pruned to the training corpus (:func:`slimtune.compress.prune.recipe.run_prune`, exact on it);
+- ``S{d}``: a static-embedding student of ``v`` (token table of width d + linear head, model2vec's
+  distillation then KD on the teacher's soft labels, :func:`slimtune.compress.distill.static.run_static`),
+  and ``S{d}-int8`` (its table stored as int8 rows);
 - ``L{d}``: a d-layer student distilled from ``v`` (:func:`slimtune.compress.distill.recipe.run_distill`);
 - ``L{d}-ffn{p}``: its FFN pruned by p% with KD recovery (:func:`slimtune.compress.prune.recipe.run_prune`);
 - ``...-int8``: each of them through int8 ONNX Runtime, embeddings included
   (:func:`slimtune.compress.quant.recipe.run_quantize`).
 
-Order: cheap first (``v``, ``v-int8`` need no training), then student depths by bisection
+Order: cheap first (``v``, ``v-int8`` need no training, the static students take seconds), then student depths by bisection
 (start in the middle of ``--depths``; a depth with a feasible candidate sends the search to
 shallower students, an infeasible one to deeper), the most aggressive FFN ratio of a depth only
 after the milder ones stayed feasible. Steps whose predicted size cannot meet ``--max-size-mb``,
@@ -43,6 +46,7 @@ from slimtune.benchmark.latency import bench_models, latency_at, model_inputs
 from slimtune.benchmark.timing import hardware_fingerprint, measure_latency, set_threads
 from slimtune.compress.distill.recipe import run_distill
 from slimtune.compress.distill.settings import DistillConfig
+from slimtune.compress.distill.static import StaticSettings, restore_static, run_static
 from slimtune.compress.prune.recipe import PruneSettings, run_prune
 from slimtune.compress.quant.recipe import run_quantize
 from slimtune.compress.quant.settings import QuantizeSettings
@@ -80,6 +84,8 @@ class CompressSettings:
     lr: float | None = setting(None, "Learning rate of distillation and recovery (None: the full method's declared default, 1e-4; the student trains in full).", gt=0)
     batch_size: int = setting(32, "Training batch size.", ge=1)
     recover_steps: int = setting(200, "KD recovery steps after FFN pruning.", ge=0)
+    static_dims: list[int] = setting([256, 64], "Static-embedding students (token table + linear head, model2vec-style, trained by KD), one per width, comma-separated; empty: none.", ge=1, metavar="D[,D...]")
+    static_epochs: float = setting(10.0, "Training epochs of the static-embedding students.", gt=0)
     alpha: float = setting(0.5, "Weight of hard-label CE in distillation (1 - alpha on the KD term).", ge=0, le=1)
     temperature: float = setting(2.0, "Distillation softmax temperature.", gt=0)
     threads: int = setting(1, "Threads for every latency number.", ge=1)
@@ -328,7 +334,10 @@ def run_compress(s: CompressSettings, log: Any = None) -> dict[str, Any]:
             vocab_n = json.loads((Path(v["path"]) / "config.json").read_text()).get("vocab_size")
     S.quantized(base, cfg, n_layers, 1.0, vocab_n)
 
-    # 2. student depths by bisection; for each depth, int8 first, then FFN ratios mild -> strong
+    # 2. static-embedding students (seconds each): the fast end of the front
+    _static_family(S, base, cfg, vocab_n)
+
+    # 3. student depths by bisection; for each depth, int8 first, then FFN ratios mild -> strong
     depths = sorted({d for d in s.depths if d < n_layers})
     lo, hi = 0, len(depths) - 1
     while lo <= hi:
@@ -345,6 +354,36 @@ def run_compress(s: CompressSettings, log: Any = None) -> dict[str, Any]:
         _ffn_ladder(S, base, cfg, n_layers, vocab_n)
 
     return finish(S, t_eval)
+
+
+def _static_family(S: Search, base: dict[str, Any], cfg: dict[str, Any], vocab_n: int | None) -> None:
+    """``S{d}``: static-embedding students of ``base`` (the vocabulary-pruned model when there is
+    one), widest first, each trained on the teacher's soft labels over the training text
+    (:func:`slimtune.compress.distill.static.run_static`); ``S{d}-int8``: the same table stored
+    as int8 rows (no training). Every width is tried (seconds each); misses stay candidates."""
+
+    s = S.s
+    hidden = int(cfg.get("hidden_size", 384))
+    vocab = vocab_n or int(cfg.get("vocab_size", 30522))
+    labels = len(cfg.get("id2label") or {}) or 2
+    for d in sorted({min(x, hidden) for x in s.static_dims}, reverse=True):
+        name = f"S{d}"
+        settings = {**base["settings"], "student_layers": 0, "static": {"dims": d, "epochs": s.static_epochs,
+                                                                        "rows": s.max_train_samples, "alpha": s.alpha,
+                                                                        "T": s.temperature}, "quant": "float16"}
+
+        def make(out: Path, d: int = d) -> None:
+            run_static(StaticSettings(model=base["path"], train=s.train, output=str(out), dims=d, storage="float16",
+                                      epochs=s.static_epochs, batch_size=s.batch_size, alpha=s.alpha,
+                                      temperature=s.temperature, max_length=s.max_length,
+                                      max_train_samples=s.max_train_samples, seed=s.seed))
+
+        fp16_mb = (vocab * d * 2 + labels * d * 4) / 1e6
+        c = S.build(name, base["name"], settings, "static", make, fp16_mb if "none" in s.quant else None)
+        if c is None or "int8" not in s.quant:
+            continue
+        S.build(name + "-int8", name, {**settings, "quant": "int8-rows"}, "static-int8",
+                lambda out, src=c["path"]: restore_static(src, out, "int8"), (vocab * d + labels * d * 4) / 1e6)
 
 
 def _try_depth(S: Search, base: dict[str, Any], cfg: dict[str, Any], d: int, vocab_n: int | None) -> bool:

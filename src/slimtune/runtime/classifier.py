@@ -14,17 +14,21 @@ from slimtune.compress.quant.backends import to_torch_dynamic
 from slimtune.compress.quant.onnx import load_onnx_classifier
 from slimtune.compress.quant.storage import load_quantized
 from slimtune.models.loading import load_model, load_tokenizer
+from slimtune.runtime.static import is_static, load_static
 
 
 def load_classifier(model_dir: str | os.PathLike, threads: int | None = None) -> Any:
     """A callable ``(input_ids, attention_mask=None, token_type_ids=None) -> logits`` for any
-    folder slimtune writes: ONNX (``model.onnx``), quantized (``quantization.json``; int8
-    per-channel runs on torch's int8 kernels, other schemes are decoded to float) or plain HF.
+    folder slimtune writes: ONNX (``model.onnx``), static-embedding (``slimtune.runtime.static``),
+    quantized (``quantization.json``; int8 per-channel runs on torch's int8 kernels, other
+    schemes are decoded to float) or plain HF.
     Returns float32 logits (batch, num_labels) as a torch tensor."""
     d = Path(model_dir)
     if (d / "model.onnx").is_file():
 
         return load_onnx_classifier(d, threads)
+    if is_static(d):  # static-embedding student (slimtune.runtime.static): numpy
+        return load_static(d, threads)
 
     if threads:
         torch.set_num_threads(threads)

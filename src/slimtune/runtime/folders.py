@@ -10,13 +10,17 @@ from typing import Any
 
 from safetensors import safe_open
 
+from slimtune.runtime.static import count_static_params, is_static
+
 
 def model_kind(model_dir: str | os.PathLike) -> str:
-    """'onnx', 'quantized' or 'hf': how slimtune stores (and therefore runs) a model folder."""
+    """'onnx', 'static', 'quantized' or 'hf': how slimtune stores (and therefore runs) a model folder."""
 
     d = Path(model_dir)
     if (d / "model.onnx").is_file():
         return "onnx"
+    if is_static(d):
+        return "static"
     if (d / "quantization.json").is_file():
         return "quantized"
     return "hf"
@@ -39,6 +43,8 @@ def count_stored_params(model_dir: str | os.PathLike) -> int:
         return sum(math.prod(t.dims) for t in graph.initializer
                    if not t.name.endswith(("_scale", "_zero_point", "scale", "zero_point")))
 
+    if kind == "static":
+        return count_static_params(d)
     total = 0
     quant_meta: dict[str, Any] = {}
     if kind == "quantized":

@@ -15,6 +15,10 @@ layers) through :func:`slimtune.models.loading.load_model`.
   stop string (the text is cut before it), or after ``max_new_tokens``.
 - Streaming: :class:`TextStream` decodes incrementally and hands out only text that is final
   (never half a UTF-8 character, never the start of what may become a stop string).
+
+One forward pass (:func:`forward_last`) and one token's bookkeeping (:func:`take_token`) are
+functions of their own: ``slimtune serve``'s continuous batching (:mod:`slimtune.serve.engine`)
+steps its sequences with the same two, so a served answer is made exactly as here.
 """
 
 from __future__ import annotations
@@ -187,9 +191,39 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _cache_kwarg(model: Any) -> str:
-    """transformers 5 calls the KV cache ``cache``; 4.x ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def forward_last(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+    """One forward pass of a causal LM through its KV cache: ``(logits (B, V) of each row's last
+    position, the cache to pass next time)`` (the cache is None when the model keeps none).
+
+    ``cache`` None starts one (a prefill). Only the last position's logits are computed where the
+    model takes ``logits_to_keep``: skips the LM head over the whole prompt (a (B, L, vocab) matmul,
+    ~20% of SmolLM2's prefill), as transformers' generate does.
+    """
+    params = inspect.signature(model.forward).parameters
+    kw: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    if cache is not None:  # transformers 5 calls the KV cache ``cache``; 4.x ``past_key_values``
+        kw["cache" if "cache" in params else "past_key_values"] = cache
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kw)
+    return out.logits[:, -1, :], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def take_token(stream: TextStream, token: int, eos: set[int] | frozenset[int], last: bool) -> tuple[str, str | None]:
+    """Hand one generated token to its row's :class:`TextStream`.
+
+    Returns:
+        ``(text that became final, finish reason)``: the reason is ``"eos"`` (an EOS id: not part of
+        the text), ``"stop"`` (a stop string completed; the text is cut before it), ``"length"``
+        (``last``: the token budget is spent) or None (go on).
+    """
+    if token in eos:
+        return stream.flush(), "eos"
+    piece = stream.push(token)
+    if stream.stopped:
+        return piece, "stop"
+    if last:
+        return piece + stream.flush(), "length"
+    return piece, None
 
 
 @torch.inference_mode()
@@ -231,31 +265,16 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], c
     streams = [TextStream(tokenizer, cfg.stop) for _ in range(B)]
     tokens: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
-    cache_kw = _cache_kwarg(model)
-    # Only the last position's logits are needed: skips the LM head over the whole prompt
-    # (a (B, L, vocab) matmul, ~20% of SmolLM2's prefill), as transformers' generate does.
-    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions, use_cache=True,
-                **last)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    logits, cache = forward_last(model, ids, mask if padded else None, positions)
     seq, seq_mask = ids, mask  # full sequences, used only when the model keeps no cache
     for step in range(cfg.max_new_tokens):
-        nxt = next_tokens(out.logits[:, -1, :], cfg, generator)  # (B,)
+        nxt = next_tokens(logits, cfg, generator)  # (B,)
         for b in range(B):
             if reasons[b] is not None:
                 continue
             t = int(nxt[b])
             tokens[b].append(t)
-            if t in stops:
-                reasons[b] = "eos"
-                piece = streams[b].flush()
-            else:
-                piece = streams[b].push(t)
-                if streams[b].stopped:
-                    reasons[b] = "stop"
-                elif step == cfg.max_new_tokens - 1:
-                    reasons[b] = "length"
-                    piece += streams[b].flush()
+            piece, reasons[b] = take_token(streams[b], t, stops, step == cfg.max_new_tokens - 1)
             if piece and on_text is not None:
                 on_text(b, piece)
         if all(r is not None for r in reasons):
@@ -264,13 +283,11 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], c
         mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)
         positions = positions[:, -1:] + 1
         if cache is not None:
-            out = model(input_ids=nxt[:, None], attention_mask=mask if padded else None,
-                        position_ids=positions, use_cache=True, **{cache_kw: cache}, **last)
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            logits, cache = forward_last(model, nxt[:, None], mask if padded else None, positions, cache)
         else:  # no KV cache: run the whole sequence again
             seq, seq_mask = torch.cat([seq, nxt[:, None]], dim=1), mask
             pos = (seq_mask.cumsum(-1) - 1).clamp_min(0)
-            out = model(input_ids=seq, attention_mask=seq_mask if padded else None, position_ids=pos, **last)
+            logits, _ = forward_last(model, seq, seq_mask if padded else None, pos)
     model.train(was_training)
     return [Generation(s.text, tk, r or "length") for s, tk, r in zip(streams, tokens, reasons, strict=True)]
 

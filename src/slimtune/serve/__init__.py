@@ -1,1 +1,1 @@
-"""HTTP serving with dynamic batching."""
+"""HTTP serving: classifiers with dynamic batching, causal LMs with continuous batching and an OpenAI-compatible API."""

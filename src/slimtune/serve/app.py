@@ -1,11 +1,13 @@
-"""``slimtune serve``: an HTTP inference API for any slimtune output folder, with dynamic batching.
+"""``slimtune serve``: an HTTP inference API for any slimtune output folder, with batching.
 
-One worker thread owns the model (:mod:`slimtune.serve.batching`); request handlers (asyncio,
-FastAPI) validate the body, queue it and await the batcher's answer. The model folder is loaded
-behind one small Runner interface (:mod:`slimtune.serve.models`: torch, ONNX Runtime or
-slimtune's quantized models) and metrics are kept in :mod:`slimtune.serve.metrics`. This module
-holds the HTTP app (routes, validation, errors, auth) and re-exports the public names of the
-others (the settings are :mod:`slimtune.serve.settings`).
+One worker thread owns the model: classifiers are served by dynamic batching
+(:mod:`slimtune.serve.batching`), causal LMs by continuous batching (:mod:`slimtune.serve.engine`);
+request handlers (asyncio, FastAPI) validate the body, queue it and await the worker's answer.
+The model folder is loaded behind one small Runner interface (:mod:`slimtune.serve.models`:
+torch, ONNX Runtime or slimtune's quantized models; causal LMs as a decoder backend) and metrics
+are kept in :mod:`slimtune.serve.metrics`. This module holds the HTTP app (slimtune's routes,
+validation, errors, auth); the OpenAI-compatible routes are :mod:`slimtune.serve.openai_api`.
+It re-exports the public names of the others (the settings are :mod:`slimtune.serve.settings`).
 
 Top-level imports are stdlib only (``slimtune --help`` stays fast); FastAPI, torch and
 onnxruntime are imported where used.
@@ -19,20 +21,24 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from slimtune.serve.batching import Batcher, ClientError
+from slimtune.runtime.generate import SamplingConfig
+from slimtune.serve.batching import Batcher
+from slimtune.serve.engine import Engine
+from slimtune.serve.errors import OPENAI_PATHS, ClientError, error_body, is_openai_path
 from slimtune.serve.metrics import Metrics
 from slimtune.serve.models import Runner, load_runner
+from slimtune.serve.openai_api import FINISH, setup_openai_routes
 from slimtune.serve.settings import ServeConfig
 
 # --------------------------------------------------------------------------------------------
 # HTTP app
 # --------------------------------------------------------------------------------------------
 
-ENDPOINTS = ("/v1/classify", "/v1/generate", "/healthz", "/metrics", "/docs", "/openapi.json")
+ENDPOINTS = ("/v1/classify", "/v1/generate", *OPENAI_PATHS, "/healthz", "/metrics", "/docs", "/openapi.json")
 
 
 PROTECTED = ("/v1/", "/metrics")  # need the API key (when one is set); /healthz, /docs never do
-JSON_ENDPOINTS = ("/v1/classify", "/v1/generate")
+JSON_ENDPOINTS = ("/v1/classify", "/v1/generate", "/v1/chat/completions", "/v1/completions")
 
 
 def key_ok(headers: dict[str, str], api_key: str | None) -> bool:
@@ -92,8 +98,8 @@ class _Guard:
             refused = _refusal(scope, self.cfg)
             if refused is not None:
                 code, kind, message, headers = refused
-                return await _send_json(send_wrapped, code, kind, message, headers, close=True)
-            body = await self._read_body(receive, send_wrapped)
+                return await _send_json(send_wrapped, code, kind, message, headers, close=True, path=path)
+            body = await self._read_body(receive, send_wrapped, path)
             if body is None:  # refused or disconnected; answered already
                 return
             replay = [{"type": "http.request", "body": body, "more_body": False}]
@@ -105,11 +111,11 @@ class _Guard:
         except Exception:
             logging.getLogger("slimtune.serve.app").exception("unhandled error on %s", path)
             if not status[0]:
-                await _send_json(send_wrapped, 500, "internal_error", "unexpected server error")
+                await _send_json(send_wrapped, 500, "internal_error", "unexpected server error", path=path)
         finally:
             self.metrics.in_flight -= 1
 
-    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+    async def _read_body(self, receive: Any, send: Any, path: str = "") -> bytes | None:
         """The whole body, or None after answering 413 (over the cap) / 408 (too slow) / a disconnect."""
         chunks, size, more = [], 0, True
         deadline = time.monotonic() + self.cfg.body_timeout_s
@@ -118,14 +124,14 @@ class _Guard:
                 msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 await _send_json(send, 408, "body_timeout", f"request body not received within "
-                                 f"{self.cfg.body_timeout_s:g} s", close=True)
+                                 f"{self.cfg.body_timeout_s:g} s", close=True, path=path)
                 return None
             if msg["type"] == "http.disconnect":
                 return None
             size += len(msg.get("body", b""))
             if size > self.cfg.max_body_bytes:
                 await _send_json(send, 413, "body_too_large", f"request body exceeds {self.cfg.max_body_bytes} bytes",
-                                 close=True)
+                                 close=True, path=path)
                 return None
             chunks.append(msg.get("body", b""))
             more = msg.get("more_body", False)
@@ -133,8 +139,8 @@ class _Guard:
 
 
 async def _send_json(send: Any, status: int, kind: str, message: str, headers: dict[str, str] | None = None,
-                     close: bool = False) -> None:
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+                     close: bool = False, path: str = "") -> None:
+    body = json.dumps(error_body(status, kind, message, path)).encode()
     extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     if close:  # body bytes may be left unread: uvicorn closes the connection after this response
         extra.append((b"connection", b"close"))
@@ -187,78 +193,104 @@ def _schemas(cfg: ServeConfig) -> tuple[Any, Any]:
 
 
 def create_app(runner: Runner, cfg: ServeConfig | None = None, model_name: str = "model") -> Any:
-    """The ASGI app (FastAPI) serving ``runner``; the batcher starts/stops with the app's lifespan.
+    """The ASGI app (FastAPI) serving ``runner``; its worker starts/stops with the app's lifespan.
 
     Args:
         runner: The loaded model (:func:`slimtune.serve.models.load_runner`).
         cfg: Limits and batching (default ``ServeConfig()``); validated here.
-        model_name: The name answers and ``/healthz`` report.
+        model_name: The name answers and ``/healthz`` report; the OpenAI model id unless
+            ``cfg.model_id`` is set.
 
     Returns:
-        The FastAPI app: ``/v1/classify``, ``/v1/generate``, ``/healthz``, ``/metrics``, ``/docs``.
+        The FastAPI app: ``/v1/classify``, ``/v1/generate``, ``/v1/chat/completions``,
+        ``/v1/completions``, ``/v1/models``, ``/healthz``, ``/metrics``, ``/docs``.
     """
     cfg = cfg or ServeConfig()
     cfg.validate()
     metrics = Metrics()
-    batcher = Batcher(runner, cfg, metrics)
-    app = _setup_app(runner, cfg, batcher, metrics, model_name)
+    engine = Engine(runner.lm, cfg, metrics) if runner.lm is not None else None
+    worker = engine if engine is not None else Batcher(runner, cfg, metrics)
+    app = _setup_app(runner, cfg, worker, metrics, model_name)
     _setup_error_handlers(app)
-    _setup_inference_routes(app, runner, cfg, _asker(batcher, cfg), model_name)
-    _setup_ops_routes(app, runner, batcher, metrics, model_name)
+    _setup_inference_routes(app, runner, cfg, worker, model_name)
+    setup_openai_routes(app, runner, engine, cfg, cfg.model_id or model_name)
+    _setup_ops_routes(app, runner, worker, metrics, model_name)
     app.add_middleware(_Guard, metrics=metrics, cfg=cfg)  # checks the API key before the body is read
     return app
 
 
-def _setup_app(runner: Runner, cfg: ServeConfig, batcher: Batcher, metrics: Metrics, model_name: str) -> Any:
-    """The bare FastAPI app whose lifespan starts and stops the batcher thread."""
+def _setup_app(runner: Runner, cfg: ServeConfig, worker: Batcher | Engine, metrics: Metrics, model_name: str) -> Any:
+    """The bare FastAPI app whose lifespan starts and stops the worker thread."""
 
     from fastapi import FastAPI  # optional dependency (the serve extra)
 
     @asynccontextmanager
     async def lifespan(app: Any):  # noqa: ANN202
-        batcher.start()
+        worker.start()
         yield
-        batcher.stop()
+        worker.stop()
 
+    how = (f"continuous batching (up to {cfg.max_batch_size} sequences)" if isinstance(worker, Engine) else
+           f"dynamic batching (max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms} ms)")
     app = FastAPI(title="slimtune serve", version="1", lifespan=lifespan,
-                  description=f"{runner.task} model `{model_name}` on {runner.backend}, dynamic batching "
-                              f"(max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms} ms).")
-    app.state.batcher, app.state.metrics, app.state.cfg = batcher, metrics, cfg
+                  description=f"{runner.task} model `{model_name}` on {runner.backend}, {how}.")
+    app.state.worker, app.state.metrics, app.state.cfg = worker, metrics, cfg
+    app.state.batcher = worker  # the older name (a Batcher or an Engine: both have depth/alive)
     return app
 
 
-def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> Any:
-    """The JSON error body every refusal uses: ``{"error": {"type", "message", ...}}``."""
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None, path: str = "",
+           param: str | None = None, **extra: Any) -> Any:
+    """The JSON error every refusal uses (:func:`slimtune.serve.errors.error_body`: OpenAI's shape on its paths)."""
 
     from fastapi.responses import JSONResponse  # optional dependency (the serve extra)
 
-    return JSONResponse({"error": {"type": kind, "message": message, **extra}}, status, headers=headers)
+    return JSONResponse(error_body(status, kind, message, path, param, **extra), status, headers=headers)
+
+
+def _param(loc: tuple) -> str | None:
+    """The request field a validation error is about (``messages.0.content``), without pydantic's
+    union-member tags."""
+    parts = []
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(p, int) or (isinstance(p, str) and p.isidentifier()):
+            parts.append(str(p))
+        else:
+            break
+    return ".".join(parts) or None
 
 
 def _setup_error_handlers(app: Any) -> None:
-    """ClientError, request validation (400 malformed JSON, 422 otherwise) and HTTP errors as JSON."""
+    """ClientError, request validation (400 malformed JSON, 422 otherwise; 400 on the OpenAI
+    endpoints, as OpenAI answers) and HTTP errors as JSON."""
 
     from fastapi import Request  # optional dependency (the serve extra)
     from fastapi.exceptions import RequestValidationError  # optional dependency (the serve extra)
     from starlette.exceptions import HTTPException  # optional dependency (the serve extra)
 
     @app.exception_handler(ClientError)
-    async def _client_error(_: Request, e: ClientError) -> Any:
-        return _error(e.status, e.kind, e.message, e.headers)
+    async def _client_error(r: Request, e: ClientError) -> Any:
+        return _error(e.status, e.kind, e.message, e.headers, r.url.path, e.param)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> Any:
-        errors = e.errors()
+    async def _invalid(r: Request, e: RequestValidationError) -> Any:
+        errors, path = e.errors(), r.url.path
         if any(x.get("type") == "json_invalid" for x in errors):
             ctx = next(x.get("ctx", {}) for x in errors if x.get("type") == "json_invalid")
-            return _error(400, "malformed_json", f"request body is not valid JSON ({ctx.get('error', 'decode error')})")
+            return _error(400, "malformed_json", f"request body is not valid JSON ({ctx.get('error', 'decode error')})",
+                          path=path)
         details = [{"loc": ".".join(str(p) for p in x.get("loc", ())), "msg": x.get("msg", "")} for x in errors]
+        if is_openai_path(path):
+            first = errors[0] if errors else {}
+            msgs = [f"{_param(x.get('loc', ())) or 'body'}: {x.get('msg', '').removeprefix('Value error, ')}"
+                    for x in errors[:3]]
+            return _error(400, "invalid_request", "; ".join(msgs), path=path, param=_param(first.get("loc", ())))
         msg = "; ".join(f"{d['loc']}: {d['msg']}" for d in details[:5])
         return _error(422, "invalid_request", msg, errors=details)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, e: HTTPException) -> Any:
-        return _error(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None))
+    async def _http(r: Request, e: HTTPException) -> Any:
+        return _error(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None), r.url.path)
 
 
 def _asker(batcher: Batcher, cfg: ServeConfig) -> Any:
@@ -275,10 +307,29 @@ def _asker(batcher: Batcher, cfg: ServeConfig) -> Any:
     return ask
 
 
-def _setup_inference_routes(app: Any, runner: Runner, cfg: ServeConfig, ask: Any, model_name: str) -> None:
+async def _generate_one(engine: Engine, ids: list[int], sampling: SamplingConfig, timeout: float) -> dict[str, Any]:
+    """``/v1/generate``'s answer: one sequence through the engine (503 past ``timeout``, then cancelled)."""
+    handle = engine.submit([ids], sampling)
+    deadline, text = time.monotonic() + timeout, ""
+    try:
+        while True:
+            _, ev = await handle.next_event(max(0.0, deadline - time.monotonic()))
+            if ev.error is not None:
+                raise ev.error
+            text += ev.text
+            if ev.finish_reason is not None:
+                return {"text": text, "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                        "finish_reason": FINISH[ev.finish_reason]}
+    finally:
+        handle.cancel()
+
+
+def _setup_inference_routes(app: Any, runner: Runner, cfg: ServeConfig, worker: Batcher | Engine,
+                            model_name: str) -> None:
     """``POST /v1/classify`` and ``POST /v1/generate`` (request schemas carry this server's limits;
     the API key, content type and body size were checked by :class:`_Guard`)."""
     ClassifyRequest, GenerateRequest = _schemas(cfg)
+    ask = _asker(worker, cfg) if isinstance(worker, Batcher) else None
 
     @app.post("/v1/classify", tags=["inference"])
     async def classify(body: ClassifyRequest) -> dict[str, Any]:  # type: ignore[valid-type]
@@ -298,12 +349,12 @@ def _setup_inference_routes(app: Any, runner: Runner, cfg: ServeConfig, ask: Any
         if len(ids) > budget:
             raise ClientError(422, "prompt_too_long", f"prompt has {len(ids)} tokens; at most {budget} fit "
                               f"with max_new_tokens={body.max_new_tokens}")
-        row = {"ids": ids, "max_new_tokens": body.max_new_tokens, "temperature": float(body.temperature),
-               "top_p": float(body.top_p)}
-        return {"model": model_name, **(await ask([row]))}
+        sampling = SamplingConfig(max_new_tokens=body.max_new_tokens, temperature=float(body.temperature),
+                                  top_p=float(body.top_p))
+        return {"model": model_name, **(await _generate_one(worker, ids, sampling, cfg.request_timeout_s))}
 
 
-def _setup_ops_routes(app: Any, runner: Runner, batcher: Batcher, metrics: Metrics, model_name: str) -> None:
+def _setup_ops_routes(app: Any, runner: Runner, worker: Batcher | Engine, metrics: Metrics, model_name: str) -> None:
     """``GET /healthz`` (never needs the key) and ``GET /metrics`` (Prometheus text; the key, when set,
     is checked by :class:`_Guard`)."""
     from fastapi.responses import JSONResponse, PlainTextResponse  # optional (the serve extra)
@@ -311,14 +362,17 @@ def _setup_ops_routes(app: Any, runner: Runner, batcher: Batcher, metrics: Metri
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Any:
         """200 while the model worker runs; 503 otherwise."""
-        info = {"status": "ok" if batcher.alive else "worker_down", "task": runner.task,
-                "backend": runner.backend, "device": runner.device, "model": model_name, "queue_depth": batcher.depth()}
-        return JSONResponse(info, 200 if batcher.alive else 503)
+        info = {"status": "ok" if worker.alive else "worker_down", "task": runner.task,
+                "backend": runner.backend, "device": runner.device, "model": model_name, "queue_depth": worker.depth()}
+        if isinstance(worker, Engine):
+            info["live_sequences"] = worker.live()
+        return JSONResponse(info, 200 if worker.alive else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def prometheus() -> Any:
         """Prometheus text format."""
-        return PlainTextResponse(metrics.render(batcher.depth()),
+        live = worker.live() if isinstance(worker, Engine) else None
+        return PlainTextResponse(metrics.render(worker.depth(), live),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -1,4 +1,6 @@
-"""Dynamic batching for ``slimtune serve``: a bounded queue and one worker thread that owns the model.
+"""Dynamic batching of classifier requests for ``slimtune serve``: a bounded queue and one worker
+thread that owns the model (causal LMs are served by continuous batching instead,
+:mod:`slimtune.serve.engine`).
 
 Request handlers (asyncio) put one item on a bounded queue and await a future; the worker takes
 the first waiting item, keeps collecting until ``max_batch_size`` rows are gathered or
@@ -8,9 +10,8 @@ waited while the model was busy, it never waits again), runs the rows as one pad
 answers 503 with Retry-After at once instead of growing memory. A batch that raises is retried
 one request at a time, so one poisoned input fails alone and the worker never dies.
 
-Also holds the error a request is refused with (:class:`ClientError`), which the batcher and
-the HTTP layer share; the settings are :class:`slimtune.serve.settings.ServeConfig` (re-exported
-here).
+The error a request is refused with is :class:`slimtune.serve.errors.ClientError` and the
+settings are :class:`slimtune.serve.settings.ServeConfig` (both re-exported here).
 """
 
 import asyncio
@@ -23,22 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from slimtune.serve.errors import ClientError
 from slimtune.serve.metrics import Metrics
 from slimtune.serve.models import Runner, pad_batch
 from slimtune.serve.settings import ServeConfig
 
 
-class ClientError(Exception):
-    """A request the server refuses: HTTP ``status``, a short ``kind`` and a clear message."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.headers = status, kind, message, headers
-
-
 @dataclass
 class _Item:
-    rows: list[Any]  # classify: str or (str, str); generate: one dict of generation settings
+    rows: list[Any]  # str or (str, str)
     future: Any  # asyncio.Future resolved on its own loop
     loop: Any
     arrived: float
@@ -156,9 +150,7 @@ class Batcher:
             pass
 
     def _run(self, batch: list[_Item]) -> list[Any]:
-        if self.runner.task == "classification":
-            return self._classify(batch)
-        return self._generate(batch)
+        return self._classify(batch)
 
     def _classify(self, batch: list[_Item]) -> list[list[dict[str, Any]]]:
 
@@ -189,31 +181,6 @@ class Batcher:
                 out[i][j] = {"label": r.label_names[int(p.argmax())],
                              "probabilities": {name: round(float(v), 6) for name, v in zip(r.label_names, p, strict=True)},
                              "truncated": len(encs[n]["input_ids"]) >= r.max_length}
-        return out
-
-    def _generate(self, batch: list[_Item]) -> list[dict[str, Any]]:
-        r, tok = self.runner, self.runner.tokenizer
-        out: list[Any] = [None] * len(batch)
-        groups: dict[tuple[float, float], list[int]] = {}  # one generate() per sampling setting
-        for i, it in enumerate(batch):
-            s = it.rows[0]
-            groups.setdefault((s["temperature"], s["top_p"] if s["temperature"] > 0 else 1.0), []).append(i)
-        for (temp, top_p), idx in groups.items():
-            encs = [{"input_ids": batch[i].rows[0]["ids"], "attention_mask": [1] * len(batch[i].rows[0]["ids"])}
-                    for i in idx]
-            n_new = max(batch[i].rows[0]["max_new_tokens"] for i in idx)
-            t0 = time.perf_counter()
-            new = r.generate(pad_batch(encs, self.pad_id, left=True), n_new, temp, top_p)
-            self.metrics.batch(len(idx), time.perf_counter() - t0)
-            for i, ids in zip(idx, new, strict=True):
-                want = batch[i].rows[0]["max_new_tokens"]
-                ids, reason = ids[:want], "length"
-                for k, t in enumerate(ids):
-                    if t in r.eos_ids:
-                        ids, reason = ids[:k], "stop"
-                        break
-                out[i] = {"text": tok.decode(ids, skip_special_tokens=True), "prompt_tokens": len(encs[idx.index(i)]["input_ids"]),
-                          "completion_tokens": len(ids), "finish_reason": reason}
         return out
 
 

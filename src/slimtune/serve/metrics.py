@@ -44,6 +44,9 @@ class Metrics:
         self.forward_s = _Histogram(LATENCY_BUCKETS)
         self.batch_errors = 0
         self.in_flight = 0  # touched only on the event loop
+        self.ttft = _Histogram(LATENCY_BUCKETS)  # generation: arrival -> first token chosen
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -55,7 +58,19 @@ class Metrics:
             self.batch_rows.observe(rows)
             self.forward_s.observe(seconds)
 
-    def render(self, queue_depth: int) -> str:
+    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+        """A sequence got its first token ``seconds`` after it was queued (its prompt prefilled)."""
+        with self._lock:
+            self.ttft.observe(seconds)
+            self.prompt_tokens += prompt_tokens
+
+    def generated(self, tokens: int) -> None:
+        """A sequence ended after generating ``tokens`` tokens."""
+        with self._lock:
+            self.completion_tokens += tokens
+
+    def render(self, queue_depth: int, live_sequences: int | None = None) -> str:
+        """Prometheus text; ``live_sequences`` (causal LMs) adds the generation metrics."""
         with self._lock:
             out = ["# HELP slimtune_requests_total HTTP requests by endpoint and status code.",
                    "# TYPE slimtune_requests_total counter"]
@@ -65,7 +80,7 @@ class Metrics:
                     "# TYPE slimtune_request_duration_seconds histogram"]
             for ep, h in sorted(self.latency.items()):
                 out += h.lines("slimtune_request_duration_seconds", f'endpoint="{ep}"')
-            out += ["# HELP slimtune_batch_size Rows (texts or prompts) per forward pass.",
+            out += ["# HELP slimtune_batch_size Rows per forward pass (texts; causal LMs: sequences per decode step).",
                     "# TYPE slimtune_batch_size histogram", *self.batch_rows.lines("slimtune_batch_size"),
                     "# HELP slimtune_forward_duration_seconds Time of one batched forward pass.",
                     "# TYPE slimtune_forward_duration_seconds histogram",
@@ -76,6 +91,17 @@ class Metrics:
                     "# TYPE slimtune_queue_depth gauge", f"slimtune_queue_depth {queue_depth}",
                     "# HELP slimtune_requests_in_flight Requests being handled now.",
                     "# TYPE slimtune_requests_in_flight gauge", f"slimtune_requests_in_flight {self.in_flight}"]
+            if live_sequences is not None:
+                out += ["# HELP slimtune_live_sequences Sequences being generated now (continuous batching).",
+                        "# TYPE slimtune_live_sequences gauge", f"slimtune_live_sequences {live_sequences}",
+                        "# HELP slimtune_prompt_tokens_total Prompt tokens prefilled.",
+                        "# TYPE slimtune_prompt_tokens_total counter", f"slimtune_prompt_tokens_total {self.prompt_tokens}",
+                        "# HELP slimtune_completion_tokens_total Tokens generated.",
+                        "# TYPE slimtune_completion_tokens_total counter",
+                        f"slimtune_completion_tokens_total {self.completion_tokens}",
+                        "# HELP slimtune_time_to_first_token_seconds From a sequence's arrival to its first token.",
+                        "# TYPE slimtune_time_to_first_token_seconds histogram",
+                        *self.ttft.lines("slimtune_time_to_first_token_seconds")]
         return "\n".join(out) + "\n"
 
 

@@ -3,7 +3,8 @@
 Backends (``load_runner``): plain transformers folders (fp32, pruned, fine-tuned) run in torch;
 folders holding ``model.onnx`` run in ONNX Runtime; ``quantization.json`` folders run slimtune's
 quantized torch model. All expose the same tiny Runner interface, so the batcher and the HTTP
-layer never ask which one they have.
+layer never ask which one they have. Causal LMs are loaded as a decoder backend
+(:class:`slimtune.serve.torch_lm.TorchDecoder`, the torch one) for continuous batching.
 
 Top-level imports are stdlib only; numpy, torch and onnxruntime are imported where used.
 """
@@ -20,28 +21,29 @@ import torch
 import yaml
 
 from slimtune.evaluate.evaluator import model_task
-from slimtune.models.loading import load_model, load_tokenizer
+from slimtune.models.loading import load_model, load_tokenizer, resolve
 from slimtune.runtime.classifier import load_classifier
+from slimtune.serve.lm_backend import DecoderBackend
+from slimtune.serve.torch_lm import TorchDecoder
 
 
 @dataclass
 class Runner:
     """What the batcher needs from a model, whatever runs it.
 
-    ``logits(batch)`` maps padded int64 arrays (``input_ids``, ``attention_mask``, maybe
-    ``token_type_ids``; each (B, T)) to a float array (B, C); ``generate`` (causal LMs only)
-    maps a left-padded batch to new token ids per row.
+    ``logits(batch)`` (classifiers) maps padded int64 arrays (``input_ids``, ``attention_mask``,
+    maybe ``token_type_ids``; each (B, T)) to a float array (B, C); ``lm`` (causal LMs) is the
+    decoder backend continuous batching steps (:class:`slimtune.serve.lm_backend.DecoderBackend`).
     """
 
     task: str  # "classification" | "causal-lm"
-    backend: str  # "torch" | "onnxruntime"
+    backend: str  # "torch" | "onnxruntime" | "torch-quantized" (| "llama.cpp" for a future GGUF backend)
     tokenizer: Any
     max_length: int  # tokens per text (classification) or prompt (causal-lm)
     label_names: list[str] = field(default_factory=list)
     multi_label: bool = False
     logits: Any = None  # Callable[[dict[str, np.ndarray]], np.ndarray]
-    generate: Any = None  # Callable[[dict[str, np.ndarray], int, float, float], list[list[int]]]
-    eos_ids: tuple[int, ...] = ()
+    lm: DecoderBackend | None = None
     device: str = "cpu"  # where the forward passes run ("cpu", "cuda", "cuda:1")
 
 
@@ -146,52 +148,30 @@ def _classifier(model_dir: Path, threads: int | None, device: str = "cpu") -> An
     return logits_any
 
 
-def _torch_generator(model_dir: Path, threads: int | None, pad_id: int, device: str = "cpu") -> Any:
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = load_model(str(model_dir), "causal-lm").eval().to(device)
-
-    def generate(batch: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float) -> list[list[int]]:
-        ids = torch.from_numpy(batch["input_ids"]).to(device)
-        kw: dict[str, Any] = {"do_sample": False}
-        if temperature > 0:
-            kw = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id, **kw)
-        return out[:, ids.shape[1]:].tolist()  # (B, new) new tokens only (prompts are left-padded)
-
-    return generate
-
-
 def load_runner(model_dir: str, threads: int | None = None, device: str = "cpu") -> Runner:
     """Load any slimtune output folder behind the Runner interface.
 
     Classifiers: ``model.onnx`` -> ONNX Runtime, ``quantization.json`` -> slimtune's quantized
     torch model, else transformers. Causal LMs (``architectures`` ending in ForCausalLM) run in
-    transformers. ``device`` ``cuda[:N]`` runs torch models and ONNX Runtime (CUDA provider) on
+    transformers behind :class:`~slimtune.serve.torch_lm.TorchDecoder`. ``model_dir`` may be a
+    packaged alias (``smollm2``). ``device`` ``cuda[:N]`` runs torch models and ONNX Runtime (CUDA provider) on
     that GPU. Raises FileNotFoundError/ValueError with the folder (or ``--device``) named when it
     cannot be served.
     """
 
     check_device(device)
-    d = Path(model_dir)
+    d = Path(resolve(model_dir))  # a packaged alias (smollm2, minilm) serves its cached folder
     cfg = _config(d)
     task = model_task(str(d))
     tok = load_tokenizer(str(d))
     if task == "causal-lm":
         if (d / "model.onnx").is_file() and not (d / "model.safetensors").is_file():
             raise ValueError(f"{d}: serving ONNX causal LMs is not supported; serve the safetensors folder")
-        tok.padding_side = "left"  # generation appends on the right
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tok.eos_token_id is not None:
-            eos_ids = tuple(dict.fromkeys([*eos_ids, tok.eos_token_id]))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-        n_pos = cfg.get("max_position_embeddings") or 2048
-        return Runner("causal-lm", "torch", tok, max_length=int(n_pos),
-                      generate=_torch_generator(d, threads, pad, device), eos_ids=eos_ids, device=device)
+        if threads:
+            torch.set_num_threads(threads)
+        lm = TorchDecoder(load_model(str(d), "causal-lm").eval().to(device), tok, device,
+                          cfg.get("max_position_embeddings") or 2048)
+        return Runner("causal-lm", lm.name, tok, max_length=lm.context_length, lm=lm, device=device)
     backend = ("onnxruntime" if (d / "model.onnx").is_file()
                else "torch-quantized" if (d / "quantization.json").is_file() else "torch")
     return Runner("classification", backend, tok, _max_length(d, cfg, tok),
@@ -222,9 +202,11 @@ def warmup(runner: Runner) -> None:
     tok = runner.tokenizer
     if runner.task == "classification":
         runner.logits(pad_batch([dict(tok("warm up"))], tok.pad_token_id or 0))
-    else:
-        runner.generate(pad_batch([{"input_ids": tok("hi")["input_ids"], "attention_mask": [1] * len(tok("hi")["input_ids"])}],
-                                  tok.pad_token_id or 0, left=True), 1, 0.0, 1.0)
+    elif runner.lm is not None:
+        ids = tok("warm up")["input_ids"] or [0]
+        runner.lm.prefill([(-1, ids)])
+        runner.lm.decode([-1], [ids[-1]])
+        runner.lm.release([-1])
 
 
 __all__ = ["Runner", "check_device", "load_runner", "pad_batch", "warmup"]

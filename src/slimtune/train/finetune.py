@@ -49,8 +49,9 @@ from slimtune.models.loading import check_exists, count_params, load_model, load
 from slimtune.train import distributed
 from slimtune.train.auto import resolve_max_length
 from slimtune.train.fingerprint import check_same_run, recipe_fingerprint
-from slimtune.train.loop import latest_checkpoint, peak_rss_mb, plan_steps, train
+from slimtune.train.loop import default_loss, latest_checkpoint, peak_rss_mb, plan_steps, train
 from slimtune.train.lr_find import lr_range_test
+from slimtune.train.sft_loss import sft_loss
 
 
 def seed_everything(seed: int) -> None:
@@ -255,7 +256,8 @@ def run_finetune(recipe: Recipe) -> dict[str, Any]:
             return evaluate_any(mdl, eval_data, m.task, labels, t.eval_batch_size)
     open_output(recipe, out, state)  # data, model and method are good: the run writes from here
     summary = train(model, method, recipe.method, train_data, t, out, total_steps=total_steps, eval_fn=eval_fn,
-                    metric=metric, group_by_length=recipe.data.group_by_length, fingerprint=fingerprint)
+                    metric=metric, group_by_length=recipe.data.group_by_length, fingerprint=fingerprint,
+                    loss_fn=sft_loss if sft else default_loss)  # SFT: LM-head logits at answer positions only
     if not distributed.is_main():
         return {"rank": distributed.rank(), "train": summary}  # rank 0 exports and evaluates
     if sft:

@@ -133,6 +133,7 @@ class LoopState:
     epoch: int = 0  # current epoch
     batch: int = 0  # next micro-batch index within the epoch
     samples: int = 0  # training examples consumed
+    tokens: int = 0  # their tokens (padding not counted)
     train_seconds: float = 0.0  # wall time in forward/backward/step (no eval)
     best: float | None = None  # best value of the selection metric
     best_step: int = -1
@@ -459,6 +460,7 @@ def _run_epoch(loop: _Loop, batches: list[list[int]]) -> bool:
         st.step += 1
         st.batch += len(group)
         st.samples += n_group
+        st.tokens += sum(len(loop.data.input_ids[i]) for idx in group for i in idx)
         st.train_seconds += time.perf_counter() - t0
         epoch_end = st.batch >= len(batches)
         if epoch_end:
@@ -520,7 +522,8 @@ def _log_train(loop: _Loop, loss_sum: float, n_group: int, n_batches: int) -> No
         loss_sum = all_reduce_sum([loss_sum])[0]
     values = {"train/loss": loss_sum / n_group, "train/lr": loop.sched.get_last_lr()[0],
               "train/epoch": st.epoch + st.batch / n_batches,
-              "train/samples_per_s": st.samples / max(st.train_seconds, 1e-9)}
+              "train/samples_per_s": st.samples / max(st.train_seconds, 1e-9),
+              "train/seconds": st.train_seconds, "train/tokens": st.tokens}  # cumulative: per-step rates from deltas
     if loop.grad_norm is not None:  # every rank converts (a sharded norm may need a collective)
         norm = loop.grad_norm
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -584,6 +587,7 @@ def _finish(loop: _Loop, stop: bool) -> dict[str, Any]:
             f"best_{loop.metric}": None if st.best is None else loop.sign * st.best,
             "train_seconds": st.train_seconds, "samples": st.samples,
             "samples_per_s": st.samples / max(st.train_seconds, 1e-9),
+            "tokens": st.tokens, "tokens_per_s": st.tokens / max(st.train_seconds, 1e-9),
             "stopped_early": stop, "peak_rss_mb": peak_rss_mb(),
             "precision": resolve_precision(cfg.precision, dp.device),
             "resumed_from_step": int(resumed.name.split("-")[1]) if resumed is not None else None,

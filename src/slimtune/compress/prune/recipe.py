@@ -1,6 +1,9 @@
 """``slimtune prune``: make a fine-tuned classifier really smaller (and faster) by pruning.
 
-Steps, each optional, in this order:
+A causal-LM folder goes to :mod:`slimtune.compress.prune.decoder_recipe` instead (depth, width,
+vocabulary; it stays a causal LM); the settings of both are
+:class:`slimtune.compress.prune.settings.PruneSettings`. For classifiers, the steps, each
+optional, in this order:
 
 1. vocabulary pruning (``--vocab-from FILE...``, :mod:`slimtune.compress.prune.vocab`): exact on corpus text;
 2. structured pruning of whole layers (``--layers N``) and FFN neurons (``--ffn F``)
@@ -30,117 +33,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 
 from slimtune.compress.distill.losses import kd_loss
-from slimtune.compress.inputs import check_classifier_model, check_file
-from slimtune.compress.prune.structured import HEADS_UNSUPPORTED, prune_structured
+from slimtune.compress.prune.decoder_recipe import prune_decoder_to_dir
+from slimtune.compress.prune.settings import SETTINGS_FILE, PruneSettings
+from slimtune.compress.prune.structured import encoder_layers, prune_structured
 from slimtune.compress.prune.vocab import prune_vocabulary, read_corpus_texts
 from slimtune.config.defaults import method_defaults
-from slimtune.config.fields import RecipeError, check_ranges, save_settings, setting
-from slimtune.config.outputs import check_output
+from slimtune.config.fields import save_settings
 from slimtune.config.recipe import DataConfig, ModelConfig, Recipe, TrainConfig
 from slimtune.data.datasets import load_classification, tokenize_classification
 from slimtune.evaluate.evaluator import evaluate_classifier
 from slimtune.io import atomic_dir, atomic_write_json, weights_size_mb
 from slimtune.methods import MethodContext, get_method
-from slimtune.methods.magnitude import parse_pattern
 from slimtune.models.loading import count_params, label_names_of, load_model, load_tokenizer
 from slimtune.train.finetune import seed_everything
 from slimtune.train.loop import default_loss, train
-
-SETTINGS_FILE = "prune.yaml"  # the resolved settings, beside the artifacts; `--config` reads it back
-
-
-@dataclass
-class PruneSettings:
-    """Everything ``slimtune prune`` does; saved as ``prune.yaml`` (and ``prune.json``) beside the output.
-
-    The same dataclass is the ``prune:`` section of a ``slimtune run`` recipe: the pipeline fills
-    ``model``/``output`` itself, and ``train``/``eval``/``max_length``/``max_train_samples``/
-    ``max_eval_samples``/``seed`` from the shared sections when the section does not set them.
-    """
-
-    PIPELINE_FILLS: ClassVar[tuple[str, ...]] = ("model", "output", "overwrite")  # slimtune run sets these
-
-    model: str | None = setting(None, "Fine-tuned classifier folder, or the packaged alias minilm / minilm-l3; required (the pipeline fills in the previous stage's folder).")
-    output: str | None = setting(None, "Output folder, replaced atomically when complete; required (the pipeline fills in the stage folder).")
-    overwrite: bool = setting(False, "Replace an output folder that already holds a slimtune result (without it that is an error; a folder holding other files is never replaced).")
-    train: str | None = setting(None, "Training file: recovery fine-tuning, taylor importance and layer choice (pipeline: data.train).")
-    eval: str | None = setting(None, "Labelled file for the accuracy in metrics.json (pipeline: data.eval).")
-    sparsity: float = setting(0.0, "Unstructured magnitude sparsity of the block weights (0.5 = half zeros; zeros do not shrink model.safetensors).", ge=0, lt=1)
-    pattern: str = setting("unstructured", "'unstructured' or N:M such as 2:4 (GPU sparse tensor cores only).")
-    scope: Literal["global", "layer"] = setting("global", "One magnitude threshold for all layers, or the same sparsity per layer.")
-    schedule: Literal["gradual", "oneshot"] = setting("gradual", "Cubic schedule over the recovery steps, or all at once.")
-    heads: float = setting(0.0, "Refused with the reason: plain transformers cannot reload fewer heads per BERT layer (use --layers).", ge=0, lt=1)
-    ffn: float = setting(0.0, "Fraction of FFN neurons removed in every layer.", ge=0, lt=1)
-    layers: int = setting(0, "Number of whole transformer layers to remove (chosen greedily by logit change).", ge=0)
-    importance: Literal["taylor", "magnitude"] = setting("taylor", "How FFN neurons are ranked.")
-    importance_batches: int = setting(8, "Training batches for taylor importance and the layer choice.", ge=1)
-    vocab: bool = setting(False, "Keep only the tokens --train uses (the same as adding --train to --vocab-from).")
-    vocab_from: list[str] = setting([], "Keep only the tokens used in these files (+ specials).", metavar="FILE")
-    vocab_min_count: int = setting(1, "Drop tokens seen fewer times (1 keeps corpus tokenization identical).", ge=1)
-    vocab_keep_chars: bool = setting(True, "Keep single ASCII characters for unseen words (--no-vocab-chars drops them).", flag="--vocab-chars")
-    recover_steps: int = setting(0, "Recovery fine-tuning steps after pruning.", ge=0)
-    kd: bool = setting(False, "Distil from the unpruned model during recovery (logit KL).")
-    kd_temperature: float = setting(2.0, "Softmax temperature of the KD term.", gt=0)
-    kd_alpha: float = setting(0.5, "Weight of the KD term (1 - alpha on cross-entropy).", ge=0, le=1)
-    lr: float | None = setting(None, "Recovery learning rate (None: the recovery method's declared default, full or magnitude: 1e-4).", gt=0)
-    batch_size: int = setting(32, "Recovery (and importance) batch size.", ge=1)
-    max_length: int = setting(128, "Tokens per example.", ge=1)
-    max_train_samples: int | None = setting(None, "Use N rows of --train only.", ge=1)
-    max_eval_samples: int | None = setting(None, "Evaluate on N rows of --eval only.", ge=1)
-    seed: int = setting(42, "Random seed.")
-    num_threads: int = setting(0, "torch intra-op threads (0: torch's default).", ge=0)
-    sparse_sidecar: Literal["auto", "on", "off"] = setting("auto", "Bitmask copy of sparse weights under sparse/ (auto: only when smaller).")
-
-    def vocab_files(self) -> list[str]:
-        """The corpus files whose tokens are kept: ``vocab_from``, plus ``train`` with ``vocab``."""
-        extra = [self.train] if self.vocab and self.train and self.train not in self.vocab_from else []
-        return [*self.vocab_from, *extra]
-
-    def validate(self, *, check_model: bool = True) -> None:
-        """Check ranges, combinations, files and the model before any weight is loaded (errors name the flag).
-
-        Args:
-            check_model: Also require ``model``/``output`` and check the model (the pipeline
-                validates its recipe before the previous stage's folder exists).
-        """
-        check_ranges(self, "--")
-        if check_model:
-            self._check_model_and_output()
-        if self.heads:
-            raise RecipeError(f"--heads: {HEADS_UNSUPPORTED}")
-        try:
-            parse_pattern(self.pattern)
-        except RecipeError as e:
-            raise RecipeError(str(e).replace("method.pattern", "--pattern")) from None
-        if self.vocab and not self.train:
-            raise RecipeError("--vocab keeps the tokens of --train: give --train FILE (or --vocab-from FILE)")
-        needs_train = self.recover_steps > 0 or self.layers or (self.ffn and self.importance == "taylor")
-        if needs_train and not self.train:
-            raise RecipeError("--train is required for recovery training and taylor importance")
-        if not (self.sparsity or self.layers or self.ffn or self.vocab_files() or self.pattern != "unstructured"):
-            raise RecipeError("nothing to prune: give --sparsity, --pattern, --layers, --ffn, --vocab or --vocab-from")
-        if self.kd and self.recover_steps == 0:
-            raise RecipeError("--kd distils during recovery training: also give --recover-steps N")
-        for flag, path in (("--train", self.train), ("--eval", self.eval), *(("--vocab-from", v) for v in self.vocab_from)):
-            check_file(flag, path)
-
-    def _check_model_and_output(self) -> None:
-        if not self.model:
-            raise RecipeError("--model: is required (the classifier folder or alias to prune)")
-        if not self.output:
-            raise RecipeError("--output: is required (the folder to write)")
-        check_classifier_model(self.model, "prune")
-        out = Path(self.output)
-        if out.exists() and not out.is_dir():
-            raise RecipeError(f"--output {out}: exists and is not a folder")
-        if Path(self.model).exists() and out.resolve() == Path(self.model).resolve():
-            raise RecipeError("--output must differ from --model (the unpruned model is read while the output is written)")
-        check_output(out, overwrite=self.overwrite)
 
 
 def kd_loss_fn(teacher: Any, new_to_old: Any = None, temperature: float = 2.0, alpha: float = 0.5) -> Any:
@@ -202,6 +113,8 @@ def prune_to_dir(s: PruneSettings, log: Any = None) -> tuple[Any, Any, dict[str,
     """
     say = log or (lambda msg: print(f"[slimtune prune] {msg}", file=sys.stderr))
     s.validate()
+    if s.is_decoder():  # a causal LM stays a causal LM: depth, width and vocabulary of the decoder
+        return prune_decoder_to_dir(s, say)
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
     seed_everything(s.seed)
@@ -256,9 +169,11 @@ def _setup_train_data(s: PruneSettings, st: _State) -> None:
 
 def _step_structured(s: PruneSettings, st: _State, say: Any) -> None:
     """Whole layers and FFN neurons: a smaller dense model of the same architecture."""
-    if not (s.layers or s.ffn):
+    if not (s.layers or s.keep_layers or s.ffn):
         return
-    st.model, info = prune_structured(st.model, ffn=s.ffn, layers=s.layers, importance=s.importance,
+    importance = "taylor" if s.importance == "auto" else s.importance
+    layers = s.layers_to_remove(len(encoder_layers(st.model)))
+    st.model, info = prune_structured(st.model, ffn=s.ffn, layers=layers, importance=importance,
                                       data=st.train_data, num_batches=s.importance_batches, seed=s.seed)
     st.result["structured"] = info
     say(f"layers {info['layers_before']} -> {info['layers_after']} (dropped {info['dropped_layers']}), "
@@ -283,7 +198,7 @@ def _step_recover(s: PruneSettings, st: _State, tmp: Path, say: Any) -> tuple[An
     lr = s.lr if s.lr is not None else method_defaults(method, "classification")["train.lr"]
     if s.recover_steps > 0:
         say(f"recovery lr {lr:g} ({'user' if s.lr is not None else f'default of method {method.name}'})")
-    tcfg = TrainConfig(max_steps=max(1, s.recover_steps), batch_size=s.batch_size, lr=lr, warmup_ratio=0.06,
+    tcfg = TrainConfig(max_steps=max(1, s.recover_steps), batch_size=s.batch(False), lr=lr, warmup_ratio=0.06,
                        seed=s.seed, tensorboard=False, resume=False, log_every=10)
     ctx = MethodContext(task="classification", total_steps=max(1, s.recover_steps), base_model=s.model)
     st.model = method.apply(st.model, mcfg, ctx)

@@ -35,6 +35,7 @@ import yaml
 from slimtune.benchmark.timing import hardware_fingerprint, sample_inputs, set_threads
 from slimtune.compress.quant import backends as B
 from slimtune.compress.quant.api import config_to_dict, dequantize_, quantize_
+from slimtune.compress.quant.decoder import format_decoder_summary, run_decoder_quantize
 from slimtune.compress.quant.linear import sqnr_db
 from slimtune.compress.quant.onnx import write_onnx_folder
 from slimtune.compress.quant.qat import recover_
@@ -137,6 +138,8 @@ def run_quantize(s: QuantizeSettings) -> dict[str, Any]:
             (the message gives the measured value and the gate).
     """
     s.validate()
+    if s.is_decoder():
+        return run_decoder_quantize(s)
     cfg = s.weight_config()
     gates = s.gates()
     set_threads(s.threads)
@@ -316,6 +319,8 @@ def _recover(model: Any, ptq: Any, cfg: Any, src: Path, tok: Any, names: list[st
 
 def format_summary(m: dict[str, Any]) -> str:
     """A short human summary of a run's metrics."""
+    if m.get("task") == "causal-lm":
+        return format_decoder_summary(m)
     f = m["fp32"]
     acc = (f"accuracy {m['accuracy']:.4f} (fp32 {f['accuracy']:.4f}, drop {m['accuracy_drop_pt']:+.2f} pt)"
            if m.get("accuracy") is not None else "accuracy n/a (no --eval)")

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from slimtune.compress.inputs import check_classifier_model, check_file
+from slimtune.compress.inputs import check_classifier_model, check_file, is_causal_lm_folder
 from slimtune.compress.quant.api import Int4WeightConfig, Int8WeightConfig, KMeansConfig, NF4Config
 from slimtune.compress.quant.backends import BACKENDS, int8_backend_gap
 from slimtune.config.fields import RecipeError, check_ranges, setting
 from slimtune.config.outputs import check_output
+from slimtune.runtime.llamacpp import llamacpp_available
 
 SCHEMES = ("int8", "int4", "nf4", "kmeans", "fp32")
 WEIGHT_ONLY = ("int4", "nf4", "kmeans")
@@ -51,7 +52,7 @@ class QuantizeSettings:
     bits: int | None = setting(None, "kmeans: code width, 2**bits centroids (None: 4).", ge=1, le=8)
     symmetric: bool | None = setting(None, "Zero point 0 (--symmetric) or min/max zero point (--asymmetric); None: int8 symmetric, int4 asymmetric.")
     include_embeddings: bool = setting(True, "Quantize the embedding tables too (--no-embeddings leaves them in float).", flag="--embeddings")
-    backend: Literal["auto", "torch", "torchao", "onnxruntime"] = setting("auto", "int8 runtime (and fp32 ONNX): auto measures every backend that can run the settings and picks the fastest with parity.")
+    backend: Literal["auto", "torch", "torchao", "onnxruntime", "llama.cpp"] = setting("auto", "int8 runtime (and fp32 ONNX): auto measures every backend that can run the settings and picks the fastest with parity. Causal LMs: torch (int8/int4 kernels) or llama.cpp (GGUF q8_0 / q4_0 / q4_k_m).")
     eval: str | None = setting(None, "Labelled eval file for accuracy and logits SQNR (columns as in the model's recipe.yaml); pipeline: data.eval.")
     max_eval_samples: int | None = setting(None, "Evaluate on N rows of --eval only.", ge=1)
     max_length: int | None = setting(None, "Tokens per eval/calibration/training example (None: the model's recipe.yaml, else 128).", ge=1)
@@ -61,6 +62,8 @@ class QuantizeSettings:
     repeats: int = setting(30, "Interleaved timing rounds.", ge=1)
     min_sqnr_db: float | None = setting(None, f"Logits SQNR (dB) the result must reach, else exit 2 writing nothing; int8 picks among backends that reach it, and searches a mixed-precision ONNX candidate above what all-int8 reaches (None: {DEFAULT_MIN_SQNR_DB:g} for int8/fp32, no gate for int4/nf4/kmeans).", flag="--min-sqnr", metavar="DB")
     max_accuracy_drop: float | None = setting(None, f"Accuracy points (vs fp32 on --eval) the result may lose, else exit 2 writing nothing (None: {DEFAULT_MAX_ACCURACY_DROP:g} for int8/fp32, no gate for int4/nf4/kmeans); applies only with --eval.", ge=0, metavar="PT")
+    max_perplexity_increase: float | None = setting(None, "Causal LMs: percent the perplexity on --eval may rise over fp32 (None: 5); the fastest decoder within it is written.", ge=0, metavar="PCT")
+    new_tokens: int = setting(64, "Causal LMs: greedy tokens generated per speed run (bs 1, a --seq-len-token prompt).", ge=2)
     export_dequantized: bool = setting(False, "int4/nf4/kmeans: also write OUTPUT/dequantized/ (a plain float HF folder).")
     calib: str | None = setting(None, "int8: texts for the mixed-precision search (labels unused; None: --train, else --eval).")
     calib_samples: int = setting(256, "int8: calibration rows for the mixed-precision search.", ge=1)
@@ -98,8 +101,17 @@ class QuantizeSettings:
                 pipeline validates its recipe before the previous stage's folder exists).
         """
         check_ranges(self, "--")
+        if check_model and self.is_decoder():
+            self._check_output()
+            validate_decoder(self)
+            for flag, path in (("--eval", self.eval), ("--train", self.train)):
+                check_file(flag, path)
+            return
         if check_model:
             self._check_model_and_output()
+        if self.backend == "llama.cpp" or self.max_perplexity_increase is not None:
+            flag = "--backend llama.cpp" if self.backend == "llama.cpp" else "--max-perplexity-increase"
+            raise QuantizeError(f"{flag}: applies to causal LMs; {self.model} is a classifier")
         cfg = self.weight_config()
         self._check_combinations(cfg)
         for flag, path in (("--eval", self.eval), ("--train", self.train), ("--calib", self.calib)):
@@ -127,18 +139,55 @@ class QuantizeSettings:
                     else "; ".join(f"{b}: {why}" for b, why in reasons.items()))
             raise QuantizeError(f"--scheme int8 {_describe(cfg)}: no int8 backend runs these settings ({gaps})")
 
+    def is_decoder(self) -> bool:
+        """Whether ``--model`` is a causal-LM folder (read from its config.json; no weights)."""
+        return bool(self.model) and is_causal_lm_folder(self.model)
+
     def _check_model_and_output(self) -> None:
         if not self.model:
             raise QuantizeError("--model: is required (the classifier folder to quantize)")
+        check_classifier_model(self.model, "quantize", allow_aliases=False)
+        self._check_output()
+
+    def _check_output(self) -> None:
         if not self.output:
             raise QuantizeError("--output: is required (the folder to write)")
-        check_classifier_model(self.model, "quantize", allow_aliases=False)
-        out, src = Path(self.output), Path(self.model)
+        out, src = Path(self.output), Path(str(self.model))
         if out.exists() and not out.is_dir():
             raise QuantizeError(f"--output {out}: exists and is not a folder")
         if out.resolve() == src.resolve():
             raise QuantizeError("--output must differ from --model (the fp32 model is the reference)")
         check_output(out, overwrite=self.overwrite)
+
+
+def candidate_names(scheme: str, backend: str) -> list[str]:
+    """The candidates ``--scheme``/``--backend`` ask for (llama.cpp ones only when it is installed)."""
+    names = {"int8": ["llama.cpp-q8_0", "torch-int8"], "int4": ["llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-int4"]}[scheme]
+    if backend != "auto":
+        names = [n for n in names if n.startswith(backend + "-")]
+    if not llamacpp_available():
+        names = [n for n in names if not n.startswith("llama.cpp")]
+    return names
+
+
+def validate_decoder(s: QuantizeSettings) -> None:
+    """The rules for a causal-LM ``--model`` (checked before any weight loads)."""
+    if s.scheme not in ("int8", "int4"):
+        raise QuantizeError(f"--scheme {s.scheme}: a causal LM is quantized to int8 or int4 on a kernel that runs "
+                            f"the codes (nf4 is the frozen base of --method qlora in slimtune finetune)")
+    if s.backend not in ("auto", "torch", "llama.cpp"):
+        raise QuantizeError(f"--backend {s.backend}: a causal LM runs on torch kernels or llama.cpp (auto: measure both)")
+    given = [f for f, v in (("--granularity", s.granularity), ("--bits", s.bits), ("--symmetric", s.symmetric),
+                            ("--calib", s.calib), ("--export-dequantized", s.export_dequantized or None),
+                            ("--qat-steps", s.qat_steps or None), ("--min-sqnr", s.min_sqnr_db),
+                            ("--max-accuracy-drop", s.max_accuracy_drop)) if v is not None]
+    if given:
+        raise QuantizeError(f"{given[0]}: does not apply to a causal LM (its candidates have fixed layouts; the gate "
+                            f"is --max-perplexity-increase)")
+    if s.group_size is not None and s.group_size not in (32, 64, 128, 256):
+        raise QuantizeError(f"--group-size {s.group_size}: torch's int4 kernel takes 32, 64, 128 or 256")
+    if not candidate_names(s.scheme, s.backend):
+        raise QuantizeError(f"--backend {s.backend}: llama-cpp-python is not installed (scripts/install.sh builds it)")
 
 
 def _describe(cfg: Any) -> str:

@@ -1,0 +1,103 @@
+"""``slimtune quantize`` on a causal LM: kernels exact, candidates measured, the output still a causal LM."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_chat import polarity_rows, write_jsonl
+from helpers_export import make_bpe_llama
+from slimtune.cli.main import main
+from slimtune.compress.quant.api import Int4WeightConfig, Int8WeightConfig, quantize_
+from slimtune.compress.quant.kernels import Int4KernelLinear, Int8KernelLinear, to_kernels
+from slimtune.runtime.llamacpp import llamacpp_available
+
+needs_llamacpp = pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python is not installed")
+
+
+@pytest.mark.parametrize("cfg, kernel", [
+    (Int8WeightConfig(include_embeddings=False), Int8KernelLinear),
+    (Int4WeightConfig(group_size=32, include_embeddings=False), Int4KernelLinear),
+    (Int4WeightConfig(group_size=64, symmetric=True, include_embeddings=False), Int4KernelLinear),
+])
+def test_kernels_compute_what_the_codes_decode_to(cfg, kernel):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 64, bias=False)) if cfg.group_size != 64 else torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 64, bias=False))
+    q = quantize_(copy.deepcopy(m), cfg)
+    ref = torch.nn.Sequential(*[layer.to_float() for layer in q])  # F.linear on the decoded weights
+    k = copy.deepcopy(q)
+    swapped = to_kernels(k)
+    assert set(swapped.values()) == {kernel.__name__} and len(swapped) == 2
+    x = torch.randn(3, 5, 128)
+    torch.testing.assert_close(k(x), ref(x), rtol=1e-4, atol=1e-4)
+    assert (k(x) - m(x)).abs().max() > 0  # the codes are not the float weights: a real quantization
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def _bpe_llama_and_chat(tmp: Path) -> tuple[Path, Path]:
+    model = make_bpe_llama(tmp / "llama", hidden=64, intermediate=128)
+    rows = [{"messages": [{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}]}
+            for r in polarity_rows(12)]
+    return model, write_jsonl(tmp / "eval.jsonl", rows)
+
+
+def test_decoder_quantize_torch_backend_stays_a_causal_lm(tmp_path, capsys):
+    model, chat = _bpe_llama_and_chat(tmp_path)
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model", str(model), "--scheme", "int8", "--backend", "torch", "--eval", str(chat),
+               "--output", str(out), "--seq-len", "16", "--new-tokens", "4", "--repeats", "1"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "causal-lm" and m["backend_candidate"] == "torch-int8"
+    assert abs(m["perplexity"] / m["fp32"]["perplexity"] - 1) < 0.05
+    q = json.loads((out / "quantization.json").read_text())
+    assert q["extra"]["kernel"] == "torch-int8" if "extra" in q else True
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "quantize.yaml").is_file()
+
+
+@needs_llamacpp
+def test_decoder_quantize_auto_measures_llamacpp_and_torch(tmp_path, capsys):
+    model, chat = _bpe_llama_and_chat(tmp_path)
+    out = tmp_path / "q4"
+    rc = main(["quantize", "--model", str(model), "--scheme", "int4", "--eval", str(chat), "--output", str(out),
+               "--seq-len", "16", "--new-tokens", "4", "--repeats", "1", "--max-perplexity-increase", "1000"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["candidates"]) == {"llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-int4"}
+    fastest = max(m["candidates"], key=lambda n: m["candidates"][n]["decode_tokens_per_s"])
+    assert m["backend_candidate"] == fastest
+    for c in m["candidates"].values():
+        assert c["perplexity"] > 1 and c["decode_tokens_per_s"] > 0
+    if m["backend"] == "llama.cpp":
+        assert (out / "model.gguf").is_file() and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--scheme", "nf4"], "int8 or int4"),
+    (["--scheme", "int8", "--min-sqnr", "20"], "--min-sqnr: does not apply to a causal LM"),
+    (["--scheme", "int4", "--group-size", "48"], "--group-size 48"),
+    (["--scheme", "int8", "--backend", "onnxruntime"], "--backend onnxruntime"),
+])
+def test_decoder_quantize_refuses_what_it_cannot_do(tmp_path, capsys, argv, needle):
+    model, _ = _bpe_llama_and_chat(tmp_path)
+    capsys.readouterr()
+    assert _exit_code(["quantize", "--model", str(model), "--output", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_llamacpp_flags_refused_for_a_classifier(tmp_path, capsys, tiny_bert_dir):
+    argv = ["quantize", "--model", str(tiny_bert_dir), "--output", str(tmp_path / "o"), "--backend", "llama.cpp"]
+    assert _exit_code(argv) == 2 and "applies to causal LMs" in capsys.readouterr().err
