@@ -119,6 +119,8 @@ QUANT_ROWS = [
     Row("--repeats", ["--repeats", "3"], "repeats", 3),
     Row("--min-sqnr", ["--min-sqnr", "25"], "min_sqnr_db", 25.0),
     Row("--max-accuracy-drop", ["--max-accuracy-drop", "1.5"], "max_accuracy_drop", 1.5, pre=["--eval", "{qeval}"]),
+    Row("--max-perplexity-increase", ["--max-perplexity-increase", "3"], error="applies to causal LMs"),
+    Row("--new-tokens", ["--new-tokens", "8"], "new_tokens", 8),
     Row("--export-dequantized", ["--export-dequantized"], "export_dequantized", True, pre=["--scheme", "int4"]),
     Row("--no-export-dequantized", ["--no-export-dequantized"], "export_dequantized", False,
         pre=["--scheme", "int4", "--export-dequantized"]),

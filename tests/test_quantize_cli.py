@@ -231,10 +231,12 @@ def test_accuracy_gate_on_a_weight_only_scheme(setup, capsys) -> None:
                                                                                  "max_accuracy_drop": None}
 
 
-def test_causal_lm_folder_is_refused(tmp_path, capsys) -> None:
+def test_causal_lm_folder_gets_the_decoder_rules(tmp_path, capsys) -> None:
+    """A causal LM is quantized as a decoder (tests/test_quantize_decoder.py), never as a classifier:
+    the classifier-only schemes are refused with the reason."""
     llama = make_tiny_llama(tmp_path / "llama")
-    rc, text = _run(capsys, "--model", str(llama), "--scheme", "int4", "--output", str(tmp_path / "o"))
-    assert rc == 2 and "causal language model (LlamaForCausalLM)" in text and "Traceback" not in text
+    rc, text = _run(capsys, "--model", str(llama), "--scheme", "kmeans", "--output", str(tmp_path / "o"))
+    assert rc == 2 and "a causal LM is quantized to int8 or int4" in text and "Traceback" not in text
     assert not (tmp_path / "o").exists()
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_chat import polarity_rows, write_jsonl
 from helpers_export import make_bpe_llama
+
 from slimtune.cli.main import main
 from slimtune.compress.quant.api import Int4WeightConfig, Int8WeightConfig, quantize_
 from slimtune.compress.quant.kernels import Int4KernelLinear, Int8KernelLinear, to_kernels
@@ -61,7 +61,7 @@ def test_decoder_quantize_torch_backend_stays_a_causal_lm(tmp_path, capsys):
     assert m["task"] == "causal-lm" and m["backend_candidate"] == "torch-int8"
     assert abs(m["perplexity"] / m["fp32"]["perplexity"] - 1) < 0.05
     q = json.loads((out / "quantization.json").read_text())
-    assert q["extra"]["kernel"] == "torch-int8" if "extra" in q else True
+    assert q["kernel"] == "torch-int8" and q["task"] == "causal-lm"
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert (out / "quantize.yaml").is_file()
 
@@ -80,7 +80,7 @@ def test_decoder_quantize_auto_measures_llamacpp_and_torch(tmp_path, capsys):
     for c in m["candidates"].values():
         assert c["perplexity"] > 1 and c["decode_tokens_per_s"] > 0
     if m["backend"] == "llama.cpp":
-        assert (out / "model.gguf").is_file() and (out / "tokenizer.json").is_file()
+        assert (out / "model.gguf").is_file() and (out / "tokenizer.json").is_file() and (out / "gguf.json").is_file()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -101,3 +101,40 @@ def test_decoder_quantize_refuses_what_it_cannot_do(tmp_path, capsys, argv, need
 def test_llamacpp_flags_refused_for_a_classifier(tmp_path, capsys, tiny_bert_dir):
     argv = ["quantize", "--model", str(tiny_bert_dir), "--output", str(tmp_path / "o"), "--backend", "llama.cpp"]
     assert _exit_code(argv) == 2 and "applies to causal LMs" in capsys.readouterr().err
+
+
+def test_generate_runs_a_quantized_decoder_on_its_kernels(tmp_path, capsys):
+    from slimtune.compress.quant.storage import load_quantized
+    from slimtune.runtime.generate import SamplingConfig, generate_text, load_for_generation
+
+    model, chat = _bpe_llama_and_chat(tmp_path)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model), "--scheme", "int4", "--backend", "torch", "--group-size", "32",
+                 "--output", str(out), "--seq-len", "16", "--new-tokens", "4", "--repeats", "1",
+                 "--max-perplexity-increase", "1000"]) == 0
+    lm, tok, info = load_for_generation(out)
+    assert info["kernels"] > 0 and any(isinstance(m, Int4KernelLinear) for m in lm.modules())
+    ref = load_quantized(out, dequantize=True)  # the same codes decoded to float: the reference
+    cfg = SamplingConfig(max_new_tokens=6)
+    want = generate_text(ref, tok, ["movie great"], cfg)[0]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "movie great", "--max-new-tokens", "6", "--no-stream"]) == 0
+    assert capsys.readouterr().out.strip() == want.text.strip()
+
+
+@needs_llamacpp
+def test_generate_runs_a_gguf_folder_with_llamacpp(tmp_path, capsys):
+    from slimtune.runtime.generate import SamplingConfig, prompt_ids
+    from slimtune.runtime.gguf_folder import is_gguf_folder, open_gguf_folder
+
+    model, _ = _bpe_llama_and_chat(tmp_path)
+    out = tmp_path / "g"
+    assert main(["quantize", "--model", str(model), "--scheme", "int8", "--backend", "llama.cpp",
+                 "--output", str(out), "--seq-len", "16", "--new-tokens", "4", "--repeats", "1"]) == 0
+    assert is_gguf_folder(out)
+    lm, tok = open_gguf_folder(out, n_ctx=256)
+    want = lm.generate(prompt_ids(tok, "movie great"), SamplingConfig(max_new_tokens=6))[0]
+    lm.close()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "movie great", "--max-new-tokens", "6", "--no-stream"]) == 0
+    assert capsys.readouterr().out.strip() == want.text.strip()

@@ -13,6 +13,7 @@ template (--no-chat-template sends the raw text). Greedy by default; --temperatu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -25,6 +26,7 @@ from slimtune.data.chat import load_prompts, prompt_row
 from slimtune.data.datasets import DataError
 from slimtune.io import atomic_write_text
 from slimtune.runtime.generate import GenerateSettings, generate_text, load_for_generation
+from slimtune.runtime.gguf_folder import generate_text_gguf, is_gguf_folder, open_gguf_folder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,19 +69,25 @@ def run(args: argparse.Namespace) -> int:
             raise RecipeError("give --prompt, --input, or a chat on stdin")
         rows, skipped = [], 0
         prompts = [_stdin_messages(sys.stdin.read(), st.system)]
-    model, tokenizer, _ = load_for_generation(st.model, st.adapter, dtype=st.dtype)
+    if is_gguf_folder(st.model) and st.adapter is None:  # slimtune quantize chose llama.cpp
+        model, tokenizer = open_gguf_folder(st.model, n_ctx=8192)
+        gen = functools.partial(generate_text_gguf, model)
+    else:
+        model, tokenizer, _ = load_for_generation(st.model, st.adapter, dtype=st.dtype)
+        gen = functools.partial(generate_text, model)
     t0 = time.perf_counter()
     if not st.input:
         stream = st.stream
-        out = generate_text(model, tokenizer, prompts, cfg, chat_template=st.chat_template,
-                            on_text=(lambda _, t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None)
+        out = gen(tokenizer, prompts, cfg, chat_template=st.chat_template,
+                  on_text=(lambda _, t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None)
         if not stream:
             sys.stdout.write(out[0].text)
         sys.stdout.write("\n")
         print(f"[slimtune] {len(out[0].token_ids)} tokens in {time.perf_counter() - t0:.2f} s "
               f"({out[0].finish_reason})", file=sys.stderr)
         return 0
-    out = generate_text(model, tokenizer, prompts, cfg, chat_template=st.chat_template, batch_size=st.batch_size)
+    kw = {} if gen.func is generate_text_gguf else {"batch_size": st.batch_size}
+    out = gen(tokenizer, prompts, cfg, chat_template=st.chat_template, **kw)
     lines = []
     for r, g in zip(rows, out, strict=True):
         user = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")

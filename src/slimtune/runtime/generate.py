@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 import torch
 
+from slimtune.compress.quant.kernels import to_kernels
+from slimtune.compress.quant.storage import SIDECAR, load_quantized
 from slimtune.config.fields import RecipeError, check_ranges, setting
 from slimtune.data.chat import ChatRenderer, Message
 from slimtune.models.loading import ModelError, load_model, load_tokenizer, refuse_pickle_only
@@ -363,6 +365,10 @@ def load_for_generation(model: str | os.PathLike, adapter: str | os.PathLike | N
             lm = lm.merge_and_unload()
         info.update(base=base, adapter=str(adapter_dir), merged=merge)
         tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    elif (path / SIDECAR).is_file():  # slimtune quantize of a decoder, torch backend: codes on the kernels
+        lm = load_quantized(path)
+        info["kernels"] = len(to_kernels(lm))
+        tok_dir = base
     else:
         lm = load_model(base, "causal-lm", dtype=dtype)
         tok_dir = base

@@ -7,4 +7,6 @@
 - ``onnx.py``: ONNX export, ORT fusion and int8 quantization, ``load_onnx_classifier``.
 - ``backends.py``: CPU int8 backends, parity scoring and the choice by measurement.
 - ``qat.py``: fake-quant recovery fine-tuning through ``slimtune.train.loop.train``.
+- ``kernels.py``: weight-only int8/int4 ``nn.Linear`` on torch's CPU kernels (decoders).
+- ``decoder.py``: causal LMs: torch kernels vs llama.cpp GGUF, chosen by measured decode speed.
 """

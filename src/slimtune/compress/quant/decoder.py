@@ -58,9 +58,9 @@ from slimtune.evaluate.metrics import evaluate_causal_lm
 from slimtune.export.gguf import GGUF_FILE, write_gguf
 from slimtune.io import atomic_dir, atomic_write_json, weights_size_mb
 from slimtune.models.loading import load_model, load_tokenizer
+from slimtune.runtime.gguf_folder import GGUF_SIDECAR
 from slimtune.runtime.llamacpp import LlamaCppModel
 
-GGUF_SIDECAR = "quantization.json"
 SETTINGS_FILE = "quantize.yaml"
 DEFAULT_MAX_PPL_INCREASE = 5.0
 SPEED_TEXT = ("Write a short review of a film you saw recently: the story, the acting, the music, and whether "
