@@ -138,3 +138,17 @@ def test_generate_runs_a_gguf_folder_with_llamacpp(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--prompt", "movie great", "--max-new-tokens", "6", "--no-stream"]) == 0
     assert capsys.readouterr().out.strip() == want.text.strip()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("llama.cpp", marks=needs_llamacpp)])
+def test_evaluate_scores_a_quantized_decoder_as_quantize_did(tmp_path, capsys, backend):
+    model, chat = _bpe_llama_and_chat(tmp_path)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(model), "--scheme", "int8", "--backend", backend, "--eval", str(chat),
+                 "--output", str(out), "--seq-len", "16", "--new-tokens", "4", "--repeats", "1",
+                 "--max-perplexity-increase", "1000"]) == 0
+    chosen = json.loads((out / "metrics.json").read_text())["perplexity"]
+    assert main(["evaluate", "--model", str(out), "--eval", str(chat), "--output", str(tmp_path / "e.json")]) == 0
+    m = json.loads((tmp_path / "e.json").read_text())
+    assert m["answer_perplexity"] == pytest.approx(chosen, rel=1e-4)
+    assert "exact_match" in m

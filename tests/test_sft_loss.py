@@ -122,3 +122,20 @@ def test_finetune_trains_sft_with_the_answer_only_loss(model_dir: Path, tmp_path
     out = finetune.run_finetune(recipe)
     assert seen and out["train"]["tokens"] == out["data"]["train"]["tokens"] > 16 * 5
     assert out["train"]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("mode", ["mask", "positions"])
+def test_sft_eval_loss_equals_evaluate_causal_lm(mode: str, model_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimtune.evaluate.metrics import evaluate_causal_lm
+
+    data = _data(model_dir, tmp_path)
+    model = load_model(str(model_dir), "causal-lm")
+    model.config.use_cache = False
+    monkeypatch.setitem(S._MODES, type(model), mode)
+    model.train()
+    got = S.sft_eval_loss(model, data, batch_size=3)
+    ref = evaluate_causal_lm(model, data, batch_size=3)  # full (B, T, vocab) logits
+    assert got["tokens"] == ref["tokens"] == sum(x != -100 for la in data.token_labels for x in la[1:])
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5) and got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+    assert model.training  # put back as it was

@@ -42,7 +42,7 @@ def teacher(tiny_assets) -> Path:
 def trained(teacher: Path, tiny_assets, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("static") / "s16"
     s = StaticSettings(model=str(teacher), train=str(tiny_assets.tsv(128, names=("neg", "pos"))), output=str(out),
-                       dims=16, storage="float32", epochs=20, lr=1e-2, batch_size=16,
+                       dims=16, storage="float32", epochs=20, lr=1e-2, batch_size=16, val_fraction=0.0,
                        eval=str(tiny_assets.tsv(40, 1, names=("neg", "pos"))),
                        cache_dir=str(tmp_path_factory.mktemp("cache")))
     return out, run_static(s)
@@ -132,7 +132,7 @@ def test_kd_lowers_the_objective_and_copies_the_teacher(sharp_teacher: Path, tin
     train = tiny_assets.tsv(128, names=("neg", "pos"))
     out = tmp_path / "s"
     r = run_static(StaticSettings(model=str(sharp_teacher), train=str(train), output=str(out), dims=16,
-                                  storage="float32", epochs=20, lr=1e-2, batch_size=16, alpha=0.0,
+                                  storage="float32", epochs=20, lr=1e-2, batch_size=16, alpha=0.0, val_fraction=0.0,
                                   cache_dir=str(tmp_path / "cache")))
     assert r["loss_after"] < 0.6 * r["loss_before"], r
     texts = [line.split("\t")[0] for line in train.read_text().splitlines()[1:]]
@@ -153,6 +153,31 @@ def test_hard_and_soft_labels_learn_the_task(trained: tuple[Path, dict]) -> None
     assert (r["vocab_size"], r["dims"]) == (36, 16)
     assert model_kind(out) == "static"
     assert count_stored_params(out) == 36 * 16 + 2 * 16 + 2
+
+
+def test_early_stopping_keeps_the_best_held_out_epoch(teacher: Path, tiny_assets) -> None:
+    from slimtune.compress.distill.static import accuracy, holdout, subset, train_static
+    from slimtune.data.datasets import load_classification, tokenize_classification
+
+    tok = load_tokenizer(str(teacher))
+    rows = load_classification(tiny_assets.tsv(128, names=("neg", "pos")), label_names=["neg", "pos"])
+    data = tokenize_classification(rows, tok, 32)
+    tr, val = holdout(data.labels, 0.25, 0)
+    assert sorted(tr + val) == list(range(128)) and not set(tr) & set(val)
+    for y in (0, 1):  # stratified: each label's share is held out
+        n_y = sum(1 for v in data.labels if v == y)
+        assert sum(1 for i in val if data.labels[i] == y) == round(0.25 * n_y)
+    g = torch.Generator().manual_seed(0)
+    keep = torch.ones(len(tok), dtype=torch.bool)
+    keep[special_ids(tok)] = False
+    m = StaticClassifier(torch.randn(len(tok), 8, generator=g), 2, keep)
+    logits = torch.randn(128, 2, generator=g)
+    r = train_static(m, subset(data, tr), logits[tr], epochs=30, lr=0.05, batch_size=8, alpha=0.5,
+                     temperature=2.0, val=subset(data, val), patience=2)
+    curve = r["val_accuracy"]
+    assert r["epochs_run"] == len(curve) and r["best_epoch"] == 1 + curve.index(max(curve))
+    assert r["epochs_run"] == 30 or r["epochs_run"] == r["best_epoch"] + 2  # stopped after 2 epochs without a gain
+    assert accuracy(m, subset(data, val)) == pytest.approx(max(curve))  # the best epoch's weights are kept
 
 
 def test_saved_folder_predicts_what_the_module_did(trained: tuple[Path, dict], teacher: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import yaml
 
 from slimtune.config.fields import RecipeError, check_ranges, setting
-from slimtune.data.chat import is_chat_data
+from slimtune.data.chat import ChatRenderer, is_chat_data, load_chat, references, tokenize_chat
 from slimtune.data.datasets import (
     load_classification,
     read_text_files,
@@ -25,6 +25,7 @@ from slimtune.data.datasets import (
     tokenize_classification,
 )
 from slimtune.evaluate.generation import evaluate_chat_file
+from slimtune.evaluate.llamacpp import evaluate_chat_llamacpp, llamacpp_perplexity
 from slimtune.evaluate.metrics import (  # re-exported: the evaluation API of this module
     classification_metrics,
     evaluate_causal_lm,
@@ -42,6 +43,9 @@ from slimtune.models.loading import (
 )
 from slimtune.runtime.classifier import load_predict
 from slimtune.runtime.folders import count_stored_params, model_kind
+from slimtune.runtime.generate import load_for_generation
+from slimtune.runtime.gguf_folder import GGUF_FILE, is_gguf_folder, open_gguf_folder
+from slimtune.runtime.llamacpp import LlamaCppModel
 from slimtune.runtime.predict import predict_all
 
 
@@ -147,8 +151,14 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
         result.update(params=count_stored_params(model_dir), size_mb=weights_size_mb(model_dir))
         update_json(output or Path(model_dir) / "metrics.json", result)
         return result
+    if task == "causal-lm" and is_gguf_folder(model_dir):  # slimtune quantize chose llama.cpp
+        result = _evaluate_gguf(model_dir, eval_path, d, max_length, encoding, skip_bad_rows, max_eval_samples)
+        result.update(eval_file=str(eval_path), size_mb=weights_size_mb(model_dir), backend="llama.cpp")
+        update_json(output or Path(model_dir) / "metrics.json", result)
+        return result
     tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, task)
+    # causal LMs through load_for_generation: quantized decoders run on their int8/int4 kernels
+    model = load_model(model_dir, task) if task == "classification" else load_for_generation(model_dir)[0]
     if task == "classification":
         names = label_names_of(model)
         if all(n == f"LABEL_{i}" for i, n in enumerate(names)):  # a config with no label names
@@ -171,6 +181,32 @@ def run_evaluate(model_dir: str, eval_path: str, *, output: str | None = None, b
     result.update(eval_file=str(eval_path), params=count_params(model), size_mb=weights_size_mb(model_dir))
     update_json(output or Path(model_dir) / "metrics.json", result)
     return result
+
+
+def _evaluate_gguf(model_dir: str, eval_path: str, d: dict[str, Any], max_length: int, encoding: str,
+                   skip_bad_rows: bool, max_rows: int | None) -> dict[str, Any]:
+    """Answer perplexity + exact match (chat) or token perplexity (text) of a GGUF folder, on the
+    ids its HF tokenizer gives (the definitions of the torch path)."""
+    tok = load_tokenizer(model_dir)
+
+    def open_model(logits_all: bool, n_ctx: int) -> Any:
+        return open_gguf_folder(model_dir, n_ctx=n_ctx)[0] if not logits_all else \
+            LlamaCppModel(Path(model_dir) / GGUF_FILE, n_ctx=n_ctx, logits_all=True)
+
+    if is_chat_data(eval_path, d.get("format") or "auto", encoding):
+        chat = load_chat(eval_path, d.get("format") or "auto", skip_bad_rows=skip_bad_rows, encoding=encoding,
+                         max_rows=max_rows)
+        data = tokenize_chat(chat, tok, max_length, renderer=ChatRenderer(tok, d.get("chat_template") or "auto"))
+        data.info["references"] = references(chat)
+        return evaluate_chat_llamacpp(open_model, tok, data)
+    blocks = tokenize_causal(read_text_files(eval_path, encoding), tok, max_length)
+    if max_rows:
+        blocks.input_ids = blocks.input_ids[:max_rows]
+    m = open_model(True, max_length + 8)
+    try:
+        return llamacpp_perplexity(m, blocks)
+    finally:
+        m.close()
 
 
 def evaluate_model_dir(model_dir: str | os.PathLike, eval_path: str, *, max_eval_samples: int | None = None,

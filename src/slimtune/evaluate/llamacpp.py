@@ -65,7 +65,8 @@ def evaluate_chat_llamacpp(open_model: Any, tokenizer: Any, data: TokenizedData)
     finally:
         model.close()
     out: dict[str, Any] = {"answer_perplexity": ppl["perplexity"], "answer_loss": ppl["loss"],
-                           "answer_tokens": ppl["tokens"]}
+                           "answer_tokens": ppl["tokens"], **ppl,
+                           "perplexity_of": "answer tokens only (prompt tokens are context, label -100)"}
     refs = data.info.get("references") or []
     texts = [r["reference"] for r in refs]
     if not refs or not all(len(normalize_answer(t).split()) <= SHORT_WORDS for t in texts):
@@ -77,4 +78,7 @@ def evaluate_chat_llamacpp(open_model: Any, tokenizer: Any, data: TokenizedData)
     finally:
         model.close()
     out.update(answer_metrics(answers, texts))
+    out.update(generated=len(answers), max_new_tokens=longest + 16,
+               samples=[{"line": r["line"], "prompt": str(r["prompt"][-1]["content"])[:300], "reference": t, "generated": a}
+                        for r, t, a in list(zip(refs, texts, answers, strict=True))[:5]])
     return out

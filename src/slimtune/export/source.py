@@ -196,20 +196,22 @@ def plain_model(src: Source, fmt: str) -> PreTrainedModel:
     if not isinstance(model, PreTrainedModel):
         raise ModelError(f"{src.info.path}: loads as {type(model).__name__}, not a transformers model; "
                          f"--format {fmt} stores plain transformers weights")
-    plain = auto.from_config(model.config, dtype=torch.float32)
-    want, have = plain.state_dict(), model.state_dict()
+    with torch.device("meta"):  # shapes and names only: no 135M-weight random init to compare keys
+        skeleton = auto.from_config(model.config, dtype=torch.float32)
+    want, have = skeleton.state_dict(), model.state_dict()
     extra = sorted(set(have) - set(want))
     missing = sorted(set(want) - set(have))
     if extra or missing:
         what = f"extra tensor {extra[0]}" if extra else f"no tensor {missing[0]}"
         raise ModelError(f"{src.info.path}: a {src.info.kind} model with {what}; --format {fmt} stores a plain "
-                         f"{type(plain).__name__} (export --format onnx keeps the model as it runs)")
+                         f"{type(skeleton).__name__} (export --format onnx keeps the model as it runs)")
     bad = next((k for k in want if want[k].shape != have[k].shape), None)
     if bad is not None:
         raise ModelError(f"{src.info.path}: tensor {bad} has shape {tuple(have[bad].shape)}, config.json says "
                          f"{tuple(want[bad].shape)}")
-    if type(model) is type(plain):
+    if type(model) is type(skeleton):
         return model
+    plain = auto.from_config(model.config, dtype=torch.float32)
     plain.load_state_dict({k: v.detach().float() for k, v in have.items()})
     plain.generation_config = getattr(model, "generation_config", plain.generation_config)
     return plain.eval()

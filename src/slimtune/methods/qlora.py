@@ -8,11 +8,18 @@ weights are freed. Forward decodes the weight on the fly; backward decodes it ag
 keeping a float copy per layer for the gradient (the frozen weight needs no gradient, only the
 input does), so no float copy of any quantized weight outlives a layer's call.
 
-Memory. With the base in NF4, what a decoder's training step holds is mostly activations, so
-``method.gradient_checkpointing`` (default true, as in the QLoRA paper and PEFT's
-``prepare_model_for_kbit_training``) recomputes each layer's activations in the backward pass.
-Decoding is one table lookup per byte (two weights), so a recomputed forward costs little more
-than its matmuls.
+Memory. QLoRA is the memory-first method; three things make the NF4 base pay off in peak RSS:
+
+- ``method.gradient_checkpointing`` (default true, as in the QLoRA paper and PEFT's
+  ``prepare_model_for_kbit_training``): with the base in 4 bits, a decoder's training step holds
+  mostly activations, so each layer's are recomputed in the backward pass (decoding is one table
+  lookup per byte, two weights, so a recomputed forward costs little more than its matmuls);
+- the weights that stay float are copied out of the memory-mapped checkpoint
+  (:func:`own_float_weights`), so the file pages quantization read are released;
+- ``method.release_memory`` (default true): glibc's heap otherwise keeps the freed activations of
+  a step (~1 GB for SmolLM2 at batch 8 x 128 tokens, with checkpointing) as free-but-resident
+  memory; allocations of 1 MB and more are then mmapped and returned when freed, at the price of
+  page faults (slower steps). ``bench/sft_throughput.py`` measures each part against LoRA.
 
 What stays float: embeddings, norms, the LM head (tied to the embeddings in SmolLM2) and the
 classification head, as in QLoRA. The LoRA matrices train in float32.
@@ -30,6 +37,8 @@ Checkpoints hold the LoRA weights only; on resume the NF4 codes are recomputed f
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +63,7 @@ class QLoraMethodConfig:
     dropout: float = setting(0.05, "qlora: dropout on the LoRA input.", ge=0, lt=1)
     target_modules: list[str] | None = setting(None, "qlora: module names to adapt (their base weights go to NF4); None: every linear layer of the transformer blocks.")
     block_size: int = setting(64, "qlora: consecutive base weights sharing one absmax (QLoRA: 64).", ge=2)
+    release_memory: bool = setting(True, "qlora: return freed memory to the OS as tensors die (glibc malloc: allocations >= 1 MB mmapped, Linux): otherwise the heap keeps ~1 GB of freed activations a step of SmolLM2 at batch 8 x 128; costs page faults (steps ~40% slower here). Process-wide from apply on.")
     gradient_checkpointing: bool = setting(True, "qlora: recompute each layer's activations in the backward pass, as QLoRA and PEFT's prepare_model_for_kbit_training do: once the base is 4-bit, activations are most of the training memory (~30% more compute). false: model.gradient_checkpointing decides.")
     export: Literal["both", "merged", "adapter"] = setting("both", "qlora: what to write: merged model (dequantized base + LoRA), PEFT adapter under adapter/, or both.")
 
@@ -150,6 +160,38 @@ def dequantize_lora_bases(model: nn.Module) -> None:
             mod.base_layer = mod.base_layer.to_linear()
 
 
+def own_float_weights(model: nn.Module) -> None:
+    """Copy the weights that stay float (embeddings, norms, head) out of the loaded file.
+
+    transformers 5 maps a safetensors checkpoint into memory and its tensors are views of that
+    mapping; once the quantized linears' float weights are gone, the embeddings and norms would
+    still keep the whole mapping, and the file pages that quantization read (the full float
+    model) resident. Owned copies let it go.
+    """
+    with torch.no_grad():
+        for mod in model.modules():
+            for p in mod.parameters(recurse=False):
+                if not p.requires_grad:
+                    p.data = p.data.clone()
+            for name, b in mod.named_buffers(recurse=False):
+                if b is not None and not isinstance(mod, NF4Linear):
+                    mod._buffers[name] = b.clone()
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+RELEASE_THRESHOLD = 1 << 20
+
+
+def release_freed_memory() -> bool:
+    """Make glibc malloc serve allocations of >= 1 MB with mmap, so they go back to the OS when
+    freed (fixed threshold: no dynamic raise). True when set (glibc), False elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 class QLoraMethod:
     # LoRA's rates (the adapters are the same; only the frozen base is 4-bit): 1e-3 for
     # classifiers, 2e-4 for decoders (Dettmers et al., 2023).
@@ -171,6 +213,9 @@ class QLoraMethod:
             enable()
         model = get_peft_model(model, config)
         model._slimtune_qlora = quantize_lora_bases(model, cfg.block_size)  # read back by export
+        own_float_weights(model)
+        if cfg.release_memory:
+            model._slimtune_qlora["release_memory"] = release_freed_memory()
         return model
 
     def on_step_end(self, model: nn.Module, cfg: Any, step: int) -> None:

@@ -51,7 +51,7 @@ from slimtune.train.auto import resolve_max_length
 from slimtune.train.fingerprint import check_same_run, recipe_fingerprint
 from slimtune.train.loop import default_loss, latest_checkpoint, peak_rss_mb, plan_steps, train
 from slimtune.train.lr_find import lr_range_test
-from slimtune.train.sft_loss import sft_loss
+from slimtune.train.sft_loss import sft_eval_loss, sft_loss
 
 
 def seed_everything(seed: int) -> None:
@@ -153,6 +153,8 @@ def evaluate_any(model: torch.nn.Module, data: TokenizedData, task: str, label_n
     """Classifier metrics or LM perplexity, by task."""
     if task == "classification":
         return evaluate_classifier(model, data, label_names or [], batch_size)
+    if data.token_labels is not None:  # chat SFT: the answer tokens' logits only (no (B, T, vocab) tensor)
+        return sft_eval_loss(model, data, max(1, batch_size // 8))
     return evaluate_causal_lm(model, data, max(1, batch_size // 8))
 
 

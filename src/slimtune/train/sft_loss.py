@@ -18,18 +18,26 @@ no others, through transformers' ``logits_to_keep``:
 - a model whose ``forward`` has no ``logits_to_keep`` gets its own loss.
 
 The cross-entropy over the kept logits is the mean NLL over exactly the answer tokens: the
-model's own loss, computed on less (``tests/test_chat_sft.py`` checks loss and gradients against
+model's own loss, computed on less (``tests/test_sft_loss.py`` checks loss and gradients against
 ``model(**batch).loss``). The call goes through the model itself (PEFT, DDP and FSDP wrappers pass
 ``logits_to_keep`` on), so hooks and gradient synchronisation are untouched.
+
+:func:`sft_eval_loss` is the evaluation twin (answer perplexity during and around training):
+:func:`slimtune.evaluate.metrics.evaluate_causal_lm`'s figures, from the answer positions' logits only.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from slimtune.data.datasets import TokenizedData, collate, epoch_batches
+from slimtune.evaluate.metrics import evaluate_causal_lm
 
 _MODES: dict[type, str] = {}
 
@@ -63,6 +71,24 @@ def answer_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   mode: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(logits (N, V), targets (N,)) of the answer positions; None when the batch trains no token."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    mask = answer_mask(labels)
+    if not bool(mask.any()):
+        return None
+    if mode == "mask":
+        logits = model(**inputs, logits_to_keep=mask).logits  # (N, V): the trained positions, row-major
+        targets = labels[:, 1:][mask[:, :-1]]
+    else:
+        keep = mask.any(dim=0).nonzero().flatten()
+        logits = model(**inputs, logits_to_keep=keep).logits  # (B, K, V)
+        targets = labels[:, keep + 1]  # -100 where that row trains nothing at the position
+    return logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token NLL over the tokens whose label is not -100; logits for those positions only.
 
@@ -72,15 +98,30 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     mode = keep_mode(model)
     if labels is None or labels.dim() != 2 or mode == "none":
         return model(**batch).loss
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    mask = answer_mask(labels)
-    if not bool(mask.any()):  # nothing trained in this batch: a zero that still reaches every weight
+    got = _answer_logits(model, batch, mode)
+    if got is None:  # nothing trained in this batch: a zero that still reaches every weight
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
         return model(**inputs, logits_to_keep=1).logits.sum() * 0.0
-    if mode == "mask":
-        logits = model(**inputs, logits_to_keep=mask).logits  # (N, V): the trained positions, row-major
-        targets = labels[:, 1:][mask[:, :-1]]
-    else:
-        keep = mask.any(dim=0).nonzero().flatten()
-        logits = model(**inputs, logits_to_keep=keep).logits  # (B, K, V)
-        targets = labels[:, keep + 1]  # -100 where that row trains nothing at the position
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(*got, ignore_index=-100)
+
+
+def sft_eval_loss(model: torch.nn.Module, data: TokenizedData, batch_size: int = 8) -> dict[str, Any]:
+    """Mean NLL over the answer tokens of ``data`` and its perplexity (``{"loss", "perplexity",
+    "tokens"}``, as :func:`slimtune.evaluate.metrics.evaluate_causal_lm`), from the answer positions'
+    logits only: batches sorted by length, inference mode."""
+    mode = keep_mode(model)
+    if mode == "none" or data.token_labels is None:
+        return evaluate_causal_lm(model, data, batch_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    with torch.inference_mode():
+        for idx in epoch_batches(data.lengths(), batch_size, 0, 0, shuffle=False, group_by_length=True):
+            got = _answer_logits(model, {k: v.to(device) for k, v in collate(data, idx).items()}, mode)
+            if got is not None:
+                nll += F.cross_entropy(*got, ignore_index=-100, reduction="sum").item()
+                tokens += int((got[1] != -100).sum())
+    model.train(was_training)
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}

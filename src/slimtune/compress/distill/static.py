@@ -14,7 +14,8 @@ shared with the layer-dropped students of ``slimtune compress``):
    a / (a + p(t)), with p from Zipf's law over the tokens ranked by their count in the training
    text (ties and unseen tokens by id);
 3. ``train_static``: Adam on α·CE(labels) + (1−α)·T²·KL(teacher ‖ student) over the training
-   rows, every row of the table and the head trainable;
+   rows, every row of the table and the head trainable, the best epoch by accuracy on 10% of
+   the training rows held out (early stopping: the table overfits in a few epochs);
 4. saved by :func:`slimtune.runtime.static.save_static` (safetensors + config.json + the
    teacher's tokenizer): no torch or slimtune needed to predict.
 
@@ -27,6 +28,7 @@ import collections
 import hashlib
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -65,7 +67,9 @@ class StaticSettings:
     dims: int = setting(256, "Embedding width after PCA (at most the teacher's hidden size).", ge=1)
     storage: Literal["float32", "float16", "int8"] = setting("float16", "How the table is stored: float32, float16 or int8 rows (per-row scale).")
     sif: float = setting(1e-4, "SIF coefficient a: row weight a / (a + p(token)), p by Zipf's law over token ranks.", gt=0, lt=1)
-    epochs: float = setting(10.0, "Passes over the training rows.", gt=0)
+    epochs: float = setting(20.0, "Most passes over the training rows (early stopping on the held-out rows usually ends sooner).", gt=0)
+    val_fraction: float = setting(0.1, "Fraction of the training rows held out (per label) to pick the best epoch; 0: train on all, no early stopping.", ge=0, lt=1)
+    patience: int = setting(3, "Epochs without a held-out accuracy gain before training stops.", ge=1)
     lr: float = setting(5e-3, "Adam learning rate (table and head).", gt=0)
     batch_size: int = setting(32, "Training batch size.", ge=1)
     alpha: float = setting(0.5, "Weight of hard-label CE (1 - alpha on the KD term).", ge=0, le=1)
@@ -241,14 +245,52 @@ def mean_loss(model: StaticClassifier, data: TokenizedData, teacher_logits: torc
     return total / max(n, 1)
 
 
+def subset(data: TokenizedData, idx: list[int]) -> TokenizedData:
+    """The rows ``idx`` of ``data`` (same padding id, pairs flag)."""
+    return TokenizedData([data.input_ids[i] for i in idx],
+                         None if data.token_type_ids is None else [data.token_type_ids[i] for i in idx],
+                         None if data.labels is None else [data.labels[i] for i in idx], data.pad_id,
+                         pairs=data.pairs)
+
+
+def holdout(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train rows, held-out rows): a seeded ``fraction`` of each label's rows is held out
+    (at least one row of a label with two or more; none when ``fraction`` is 0)."""
+    rng = random.Random(seed)
+    by_label: dict[int, list[int]] = collections.defaultdict(list)
+    for i, y in enumerate(labels):
+        by_label[y].append(i)
+    val: list[int] = []
+    for y in sorted(by_label):
+        rows = by_label[y]
+        rng.shuffle(rows)
+        k = 0 if fraction <= 0 or len(rows) < 2 else max(1, round(fraction * len(rows)))
+        val.extend(rows[:k])
+    held = set(val)
+    return [i for i in range(len(labels)) if i not in held], sorted(val)
+
+
+@torch.no_grad()
+def accuracy(model: StaticClassifier, data: TokenizedData, batch_size: int = 256) -> float:
+    """Hard-label accuracy of ``model`` on ``data``."""
+    right = 0
+    for idx in epoch_batches(data.lengths(), batch_size, 0, 0, shuffle=False):
+        b = collate(data, idx)
+        right += int((model(b["input_ids"], b["attention_mask"]).argmax(-1) == b["labels"]).sum())
+    return right / max(1, len(data))
+
+
 def train_static(model: StaticClassifier, data: TokenizedData, teacher_logits: torch.Tensor, *,
                  epochs: float, lr: float, batch_size: int, alpha: float, temperature: float,
-                 seed: int = 42) -> dict[str, Any]:
+                 seed: int = 42, val: TokenizedData | None = None, patience: int = 3) -> dict[str, Any]:
     """Adam over the table (sparse: the rows of each batch) and the head on the KD objective;
-    linear warm-up (5%) and decay.
+    linear warm-up (5%) and decay over ``epochs``.
 
-    ``data`` must carry ``example_ids`` (rows of ``teacher_logits``) and labels. Returns the
-    objective over the training rows before and after, steps and seconds.
+    ``data`` must carry labels (rows of ``teacher_logits`` in order). With ``val`` (labelled
+    held-out rows), its accuracy is measured after every epoch, the best epoch's weights are kept
+    and training stops after ``patience`` epochs without a gain (a static table of 30k x 256
+    trainable rows overfits a few thousand texts in a few epochs). Returns the objective over
+    the training rows before and after, the held-out accuracies, steps and seconds.
     """
     data.example_ids = True
     before = mean_loss(model, data, teacher_logits, alpha, temperature)
@@ -263,9 +305,10 @@ def train_static(model: StaticClassifier, data: TokenizedData, teacher_logits: t
 
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in opts]
     torch.manual_seed(seed)
-    model.train()
-    t0, step, epoch = time.perf_counter(), 0, 0
+    t0, step, epoch, curve = time.perf_counter(), 0, 0, []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     while step < total:
+        model.train()
         for idx in epoch_batches(data.lengths(), batch_size, seed, epoch):
             loss = batch_loss(model, collate(data, idx), teacher_logits, alpha, temperature)
             for o in opts:
@@ -278,9 +321,19 @@ def train_static(model: StaticClassifier, data: TokenizedData, teacher_logits: t
             if step >= total:
                 break
         epoch += 1
+        if val is not None:
+            model.eval()
+            curve.append(accuracy(model, val))
+            if best is None or curve[-1] > best[0]:
+                best = (curve[-1], epoch, {k: v.clone() for k, v in model.state_dict().items()})
+            elif epoch - best[1] >= patience:
+                break
+    if best is not None:
+        model.load_state_dict(best[2])
     model.eval()
     after = mean_loss(model, data, teacher_logits, alpha, temperature)
-    return {"loss_before": before, "loss_after": after, "steps": total,
+    return {"loss_before": before, "loss_after": after, "steps": step, "epochs_run": epoch,
+            "best_epoch": best[1] if best else epoch, "val_accuracy": curve,
             "train_seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -334,8 +387,11 @@ def _run_static(s: StaticSettings) -> dict[str, Any]:
     torch.manual_seed(s.seed)
     table = init_table(vectors, token_counts(data, len(vectors)), s.dims, s.sif)
     model = StaticClassifier(table, len(names), keep)
-    fit = train_static(model, data, t_logits, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
-                       alpha=s.alpha, temperature=s.temperature, seed=s.seed)
+    tr_idx, val_idx = holdout(data.labels, s.val_fraction, s.seed)
+    fit = train_static(model, subset(data, tr_idx), t_logits[torch.tensor(tr_idx, dtype=torch.long)],
+                       epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, alpha=s.alpha,
+                       temperature=s.temperature, seed=s.seed, val=subset(data, val_idx) if val_idx else None,
+                       patience=s.patience)
     with atomic_dir(s.output) as tmp:
         save_static(tmp, model.table.weight.detach().numpy(), model.head.weight.detach().numpy(),
                     model.head.bias.detach().numpy(),
