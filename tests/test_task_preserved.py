@@ -68,14 +68,7 @@ def _argv(cmd: str, lm: dict[str, Path], out: Path) -> list[str]:
 
 
 CHECKED = ["finetune", "evaluate", "distill", "prune", "quantize", "bench", "generate", "compress", "run", "export"]
-# Known silent task changes, each reported to its owner: strict, so the mark must go once fixed.
-KNOWN = {
-    "bench": "bench loads every folder through runtime.classifier.load_predict: a causal LM becomes "
-             "LlamaForSequenceClassification with a fresh head (then fails on the chat eval file's columns)",
-    "compress": "compress (pipeline/search.py) loads its --model as a classifier: a causal LM gets a fresh "
-                "classification head (then fails on the chat file's columns, or with a traceback on a TSV)",
-}
-PARAMS = [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN[c])) if c in KNOWN else c for c in CHECKED]
+PARAMS = CHECKED
 
 
 def _digest(folder: Path) -> str:

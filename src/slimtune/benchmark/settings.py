@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from slimtune.compress.inputs import is_causal_lm_folder
 from slimtune.config.fields import RecipeError, check_ranges, setting
 
 
@@ -51,3 +52,6 @@ class BenchSettings:
         for d in self.model or []:
             if not (Path(d) / "config.json").is_file():
                 raise RecipeError(f"{field_key(prefix, 'model')}: not a model folder (no config.json): {d}")
+            if is_causal_lm_folder(d):  # load_predict would bolt a classification head onto it
+                raise RecipeError(f"{field_key(prefix, 'model')} {d}: a causal language model; slimtune bench times "
+                                  f"classifiers (decoders: slimtune quantize measures decode tokens/s; bench/llm.py)")

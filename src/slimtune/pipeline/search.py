@@ -47,6 +47,7 @@ from slimtune.benchmark.timing import hardware_fingerprint, measure_latency, set
 from slimtune.compress.distill.recipe import run_distill
 from slimtune.compress.distill.settings import DistillConfig
 from slimtune.compress.distill.static import StaticSettings, restore_static, run_static
+from slimtune.compress.inputs import is_causal_lm_folder
 from slimtune.compress.prune.recipe import PruneSettings, run_prune
 from slimtune.compress.quant.recipe import run_quantize
 from slimtune.compress.quant.settings import QuantizeSettings
@@ -101,6 +102,9 @@ class CompressSettings:
         check_ranges(self, "--")
         if not (Path(self.model) / "config.json").is_file():
             raise RecipeError(f"--model: not a model folder (no config.json): {self.model}")
+        if is_causal_lm_folder(self.model):  # never bolt a classification head onto a decoder
+            raise RecipeError(f"--model {self.model}: a causal language model; `slimtune compress` searches "
+                              f"classifiers only (decoders: slimtune prune, slimtune quantize, slimtune export)")
         for flag, path in (("--train", self.train), ("--eval", self.eval), ("--test", self.test)):
             if path is not None and not Path(path).is_file():
                 raise RecipeError(f"{flag}: file not found: {path}")
