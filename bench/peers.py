@@ -18,7 +18,7 @@ Rows, all trained on the same ``--train`` rows and scored on the same ``--test``
 A peer that cannot be built (package missing, error) is skipped with the reason printed and kept
 in the JSON. Latency is END TO END, text in, label out (tokenizer or vectorizer included), batch
 1, ``--threads`` threads, timed interleaved round by round (every model gets the same text in a
-round, :func:`slimtune.benchmark.timing.measure_latency`) over ``--latency-texts`` test texts
+round, in a fresh random order each round: see :func:`interleaved`) over ``--latency-texts`` test texts
 **as they come** (real lengths) and, for the models that take token ids, **padded to 128**
 tokens (text models have no padding: null there). Size: the bytes a user ships (weights,
 vectorizer or vocabulary files; tokenizer files of the transformers are not counted, as in
@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -50,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from slimtune.benchmark.timing import hardware_fingerprint, measure_latency, set_threads
+from slimtune.benchmark.timing import hardware_fingerprint, set_threads
 from slimtune.data.datasets import load_classification
 from slimtune.data.packaged import expand
 from slimtune.evaluate.evaluator import evaluate_model_dir
@@ -242,22 +243,36 @@ def slimtune_folders(paths: list[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def interleaved(runners: dict[str, TextPredict], texts: list[str], threads: int, passes: int) -> dict[str, Any]:
-    """Per-text latency (bs 1) of every runner, interleaved: round r gives every model text r."""
+def interleaved(runners: dict[str, TextPredict], texts: list[str], threads: int, passes: int,
+                seed: int = 0) -> dict[str, Any]:
+    """Per-text latency (bs 1) of every runner, interleaved: round r gives every model text r,
+    in a fresh random order each round.
+
+    Not :func:`slimtune.benchmark.timing.measure_latency`'s rotation: rotating a fixed list keeps
+    each model's predecessor fixed, so a 50-us static model that always runs right after a 40-ms
+    transformer always meets cold caches (measured here: the same table 2x slower behind an
+    ONNX model than behind its twin). A random order spreads that over every model alike.
+    """
     set_threads(threads)
-    pos = dict.fromkeys(runners, 0)
-
-    def one(name: str) -> Callable[[], Any]:
-        def call() -> Any:
-            i = pos[name]
-            pos[name] = i + 1
-            return runners[name]([texts[i % len(texts)]])
-        return call
-
-    for name in runners:  # warm-up on other texts, then every runner starts at text 0
+    names = list(runners)
+    for name in names:  # warm-up on the first texts
         for t in texts[:3]:
             runners[name]([t])
-    return measure_latency({n: one(n) for n in runners}, repeats=len(texts) * passes, warmup=0)
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(len(texts) * passes):
+        batch = [texts[r % len(texts)]]
+        rng.shuffle(names)
+        for n in names:
+            t0 = time.perf_counter()
+            runners[n](batch)
+            times[n].append((time.perf_counter() - t0) * 1000)
+    out = {}
+    for n, ts in times.items():
+        srt = sorted(ts)
+        out[n] = {"p50_ms": statistics.median(ts), "p95_ms": srt[min(len(ts) - 1, int(0.95 * len(ts)))],
+                  "mean_ms": statistics.fmean(ts), "min_ms": srt[0], "n": len(ts)}
+    return out
 
 
 def dominance(rows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
@@ -407,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         real[n] = token_runner(f, args.threads, args.max_length)[0]
         pad[n] = token_runner(f, args.threads, args.max_length, pad_to=args.pad_to)[0]
     say(f"timing {len(real)} models on {len(sample)} test texts as they come (bs 1, {args.threads} thread(s))")
-    lat_real = interleaved(real, sample, args.threads, args.passes)
+    lat_real = interleaved(real, sample, args.threads, args.passes, args.seed)
     say(f"timing {len(pad)} token-id models padded to {args.pad_to} tokens")
-    lat_pad = interleaved(pad, sample, args.threads, args.passes)
+    lat_pad = interleaved(pad, sample, args.threads, args.passes, args.seed)
     for n, r in rows.items():
         r.pop("predict", None)
         r["latency_real"] = lat_real[n]
