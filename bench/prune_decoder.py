@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--recover-steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--kd-positions", default="all", choices=["all", "answer"])
+    p.add_argument("--kd-positions", default="answer", choices=["answer", "all"])
     p.add_argument("--speed-rounds", type=int, default=3, help="interleaved decode-speed rounds (0: skip)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reuse", action="store_true", help="keep variants (and evaluations) already written")

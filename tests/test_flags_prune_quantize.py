@@ -80,7 +80,7 @@ PRUNE_ROWS = [
     Row("--no-kd", ["--no-kd"], "kd", False, pre=["--train", "{ptrain}", "--recover-steps", "2", "--kd"]),
     Row("--kd-temperature", ["--kd-temperature", "4"], "kd_temperature", 4.0),
     Row("--kd-alpha", ["--kd-alpha", "0.9"], "kd_alpha", 0.9),
-    Row("--kd-positions", ["--kd-positions", "answer"], "kd_positions", "answer",
+    Row("--kd-positions", ["--kd-positions", "all"], "kd_positions", "all",
         pre=[*DECODER, "--keep-layers", "1", "--train", "{dtrain}", "--recover-steps", "2", "--kd"]),
     Row("--lr", ["--lr", "0.003"], "lr", 0.003),
     Row("--batch-size", ["--batch-size", "8"], "batch_size", 8),

@@ -5,9 +5,13 @@ through :func:`slimtune.compress.distill.losses.kd_loss` (Hinton et al. 2015; th
 of ``slimtune distill``): position t predicts token t+1, so the last position is dropped, and
 the KL is averaged over the positions ``positions`` selects:
 
-- ``all``: every position whose next token is real (not padding): the teacher's whole next-token
-  distribution over the prompt and the answer, a dense signal to repair the pruned network;
-- ``answer``: only where the task loss is (the answer tokens of chat data, as SFT trains).
+- ``answer`` (default): only where the task loss is (the answer tokens of chat data, as SFT
+  trains; every real token of raw text);
+- ``all``: every position whose next token is real (not padding): the teacher's next-token
+  distribution over the prompt too. Measured on SmolLM2 (30 -> 24 layers, 40 recovery steps,
+  Rotten Tomatoes chat data), ``all`` left the model answering one label (dev exact match 0.33)
+  while ``answer`` recovered it (0.75; unpruned 0.77): with few steps, the prompt positions'
+  many terms drown the task's two.
 
 The CE term is the model's own loss on the batch's labels (answer tokens only for chat data).
 With a pruned vocabulary the student sees new ids: the teacher is fed the old ids
@@ -37,7 +41,7 @@ def kd_mask(batch: dict[str, torch.Tensor], positions: str) -> torch.Tensor:
 
 
 def decoder_kd_loss_fn(teacher: torch.nn.Module, new_to_old: torch.Tensor | None = None, *, temperature: float = 2.0,
-                       alpha: float = 0.5, positions: str = "all") -> LossFn:
+                       alpha: float = 0.5, positions: str = "answer") -> LossFn:
     """``loss_fn(model, batch)`` for :func:`slimtune.train.loop.train` (``alpha`` weighs the KD term).
 
     Args:
@@ -45,7 +49,7 @@ def decoder_kd_loss_fn(teacher: torch.nn.Module, new_to_old: torch.Tensor | None
         new_to_old: (V_student,) old id of each kept token when the vocabulary was pruned.
         temperature: Softmax temperature of the KD term.
         alpha: Weight of the KD term (``1 - alpha`` on the task cross-entropy).
-        positions: ``all`` or ``answer`` (see :func:`kd_mask`).
+        positions: ``answer`` or ``all`` (see :func:`kd_mask`).
     """
     teacher.eval()
     for p in teacher.parameters():

@@ -73,7 +73,7 @@ class PruneSettings:
     kd: bool = setting(False, "Distil from the unpruned model during recovery (logit KL; causal KD for decoders).")
     kd_temperature: float = setting(2.0, "Softmax temperature of the KD term.", gt=0)
     kd_alpha: float = setting(0.5, "Weight of the KD term (1 - alpha on cross-entropy).", ge=0, le=1)
-    kd_positions: Literal["all", "answer"] = setting("all", "Decoders: the KD term on every position whose next token is real (all) or only on the answer tokens (answer).")
+    kd_positions: Literal["answer", "all"] = setting("answer", "Decoders: the KD term where the task loss is (answer: the answer tokens of chat data, every token of raw text) or on every position whose next token is real (all: the prompts too).")
     lr: float | None = setting(None, "Recovery learning rate (None: the recovery method's declared default; full: 1e-4 for classifiers, 5e-5 for causal LMs).", gt=0)
     batch_size: int | None = setting(None, "Recovery (and importance) batch size (None: 32 for classifiers, 8 for decoders).", ge=1)
     max_length: int = setting(128, "Tokens per example.", ge=1)
@@ -147,7 +147,7 @@ class PruneSettings:
             raise RecipeError(f"--heads: {HEADS_UNSUPPORTED}")
         if self.importance == "activation":
             raise RecipeError("--importance activation: ranks decoder (causal LM) units; classifiers use taylor or magnitude")
-        if self.kd_positions != "all":
+        if self.kd_positions != "answer":
             raise RecipeError("--kd-positions: is for decoders (a classifier has one position)")
         if self.vocab_top:
             raise RecipeError("--vocab-top: is for decoders (byte-level BPE); classifiers keep single characters (--vocab-chars)")
