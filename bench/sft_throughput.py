@@ -20,7 +20,9 @@ Runs (``--runs``, comma-separated):
   ``gradient_checkpointing=True``);
 - ``slimtune-bf16``: ``--precision bf16``;
 - ``lora-gc``: slimtune LoRA with ``--gradient-checkpointing`` (what checkpointing alone saves);
-- ``qlora``: ``--method qlora`` (NF4 base, gradient checkpointing on by the method's default);
+- ``qlora``: ``--method qlora`` (NF4 base; gradient checkpointing and ``release_memory`` on: the
+  method's defaults);
+- ``qlora-heap``: ``--method qlora method.release_memory=false`` (glibc's default heap);
 - ``qlora-nogc``: ``--method qlora method.gradient_checkpointing=false``.
 
 Per run: tokens/s of the training steps (forward, backward, optimizer; real tokens, padding
@@ -61,6 +63,8 @@ RUNS: dict[str, dict[str, Any]] = {
     "slimtune-bf16": {"kind": "slimtune", "method": "lora", "precision": "bf16", "what": "slimtune finetune --method lora --precision bf16"},
     "lora-gc": {"kind": "slimtune", "method": "lora", "gc": True, "what": "slimtune finetune --method lora --gradient-checkpointing"},
     "qlora": {"kind": "slimtune", "method": "qlora", "what": "slimtune finetune --method qlora (NF4 base; gradient checkpointing: the method's default)"},
+    "qlora-heap": {"kind": "slimtune", "method": "qlora", "overrides": ["method.release_memory=false"],
+                   "what": "slimtune finetune --method qlora method.release_memory=false (glibc's default heap)"},
     "qlora-nogc": {"kind": "slimtune", "method": "qlora", "overrides": ["method.gradient_checkpointing=false"],
                    "what": "slimtune finetune --method qlora method.gradient_checkpointing=false"},
 }
@@ -250,7 +254,8 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "heldout_loss_rel_diff": (ra["heldout_answer_loss"] - rb["heldout_answer_loss"]) / rb["heldout_answer_loss"]}
 
     for a, b in (("slimtune", "trl"), ("slimtune", "trl-defaults"), ("slimtune-bf16", "trl-defaults"),
-                 ("slimtune-bf16", "trl"), ("qlora", "slimtune"), ("qlora", "lora-gc"), ("qlora-nogc", "slimtune"),
+                 ("slimtune-bf16", "trl"), ("qlora", "slimtune"), ("qlora", "lora-gc"), ("qlora-heap", "slimtune"),
+                 ("qlora-nogc", "slimtune"),
                  ("lora-gc", "slimtune")):
         pair(a, b)
     return out

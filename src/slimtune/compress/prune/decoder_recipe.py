@@ -40,8 +40,12 @@ from slimtune.compress.prune.decoder_depth import prune_depth
 from slimtune.compress.prune.decoder_kd import decoder_kd_loss_fn, task_loss
 from slimtune.compress.prune.decoder_vocab import prune_decoder_vocab
 from slimtune.compress.prune.decoder_width import prune_width
-from slimtune.compress.prune.settings import SETTINGS_FILE, PruneSettings, check_decoder_plan
-from slimtune.config.defaults import method_defaults
+from slimtune.compress.prune.settings import (
+    DECODER_RECOVERY_LR,
+    SETTINGS_FILE,
+    PruneSettings,
+    check_decoder_plan,
+)
 from slimtune.config.fields import save_settings
 from slimtune.config.recipe import DataConfig, ModelConfig, Recipe, TrainConfig
 from slimtune.evaluate.generation import evaluate_chat
@@ -176,8 +180,8 @@ def _step_recover(s: PruneSettings, st: _State, tmp: Path, say: Any) -> dict[str
         return None
     method = get_method("full")
     mcfg = method.config_cls()
-    lr = s.lr if s.lr is not None else method_defaults(method, "causal-lm")["train.lr"]
-    say(f"recovery: {s.recover_steps} steps at lr {lr:g} ({'user' if s.lr is not None else 'default of method full'})"
+    lr = s.lr if s.lr is not None else DECODER_RECOVERY_LR
+    say(f"recovery: {s.recover_steps} steps at lr {lr:g} ({'user' if s.lr is not None else 'default of decoder recovery'})"
         f"{f', KD from the unpruned model on {s.kd_positions} positions' if teacher is not None else ''}")
     tcfg = TrainConfig(max_steps=s.recover_steps, batch_size=s.batch(True), lr=lr, warmup_ratio=0.06, seed=s.seed,
                        tensorboard=False, resume=False, log_every=10)
