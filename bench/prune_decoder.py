@@ -34,6 +34,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "d24_w_v": ("depth 24 + FFN -25% + vocabulary + recovery", ["--keep-layers", "24", "--ffn", "0.25", "--vocab", "{R}"]),
     "d20_w_v": ("depth 20 + FFN -25% + vocabulary + recovery", ["--keep-layers", "20", "--ffn", "0.25", "--vocab", "{R}"]),
     "d24_h_v": ("depth 24 + 1 of 3 KV groups + vocabulary + recovery", ["--keep-layers", "24", "--heads", "0.34", "--vocab", "{R}"]),
+    # the same recipes with a 3x longer recovery (a later --recover-steps wins)
+    "d24_v_long": ("depth 24 + vocabulary + 120-step recovery", ["--keep-layers", "24", "--vocab", "{R}", "--recover-steps", "120"]),
+    "d20_v_long": ("depth 20 + vocabulary + 120-step recovery", ["--keep-layers", "20", "--vocab", "{R}", "--recover-steps", "120"]),
 }
 
 
@@ -125,7 +128,7 @@ def main() -> None:
     p.add_argument("--model", required=True, help="the tuned (merged) causal LM folder")
     p.add_argument("--data", type=Path, required=True, help="folder with train/dev/test.jsonl")
     p.add_argument("--out", type=Path, required=True, help="where the pruned folders go")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if not v.endswith("_long")], choices=list(VARIANTS))
     p.add_argument("--test-samples", type=int, default=200)
     p.add_argument("--recover-steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=1e-4)

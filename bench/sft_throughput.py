@@ -16,6 +16,10 @@ Runs (``--runs``, comma-separated):
 - ``trl``: ``SFTTrainer`` at the same precision and memory settings (``bf16=False``,
   ``gradient_checkpointing=False``); otherwise its defaults (random batches, padded to the
   longest row of the batch, its chunked LM head);
+- ``trl-labels``: as ``trl``, fed slimtune's token ids and labels (pre-tokenized ``input_ids`` +
+  ``labels`` columns): the same tokens trained (TRL's own prompt-completion masking also trains
+  the newline the template puts after ``<|im_end|>``, one more target a row);
+- ``trl-bf16``: ``bf16=True``, ``gradient_checkpointing=False``;
 - ``trl-defaults``: ``SFTConfig``'s own defaults for those two (``bf16=True`` autocast,
   ``gradient_checkpointing=True``);
 - ``slimtune-bf16``: ``--precision bf16``;
@@ -59,6 +63,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS: dict[str, dict[str, Any]] = {
     "slimtune": {"kind": "slimtune", "method": "lora", "what": "slimtune finetune --method lora (fp32)"},
     "trl": {"kind": "trl", "bf16": False, "gc": False, "what": "TRL SFTTrainer + PEFT LoRA, bf16=False, gradient_checkpointing=False"},
+    "trl-labels": {"kind": "trl", "bf16": False, "gc": False, "labels": True,
+                   "what": "TRL SFTTrainer + PEFT LoRA, bf16=False, gradient_checkpointing=False, fed slimtune's tokens and labels"},
+    "trl-bf16": {"kind": "trl", "bf16": True, "gc": False, "what": "TRL SFTTrainer + PEFT LoRA, bf16=True, gradient_checkpointing=False"},
     "trl-defaults": {"kind": "trl", "bf16": True, "gc": True, "what": "TRL SFTTrainer + PEFT LoRA, SFTConfig defaults (bf16 autocast, gradient checkpointing)"},
     "slimtune-bf16": {"kind": "slimtune", "method": "lora", "precision": "bf16", "what": "slimtune finetune --method lora --precision bf16"},
     "lora-gc": {"kind": "slimtune", "method": "lora", "gc": True, "what": "slimtune finetune --method lora --gradient-checkpointing"},
@@ -154,8 +161,13 @@ if a["threads"]:
     torch.set_num_threads(a["threads"])
 path = resolve("smollm2")
 tok = AutoTokenizer.from_pretrained(path)
-rows = [json.loads(ln) for ln in open(a["train"], encoding="utf-8") if ln.strip()]
-ds = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
+if a["labels"]:  # slimtune's tokenization and answer mask, pre-tokenized (TRL skips its own)
+    from slimtune.data.chat import ChatRenderer, load_chat, tokenize_chat
+    data = tokenize_chat(load_chat(a["train"]), tok, a["max_length"], renderer=ChatRenderer(tok, "auto"))
+    ds = Dataset.from_dict({"input_ids": data.input_ids, "labels": data.token_labels})
+else:
+    rows = [json.loads(ln) for ln in open(a["train"], encoding="utf-8") if ln.strip()]
+    ds = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 targets = default_target_modules(model)
 args = SFTConfig(output_dir=a["out"], per_device_train_batch_size=a["bs"], max_steps=a["steps"], learning_rate=a["lr"],
@@ -192,7 +204,7 @@ def run_trl(name: str, spec: dict[str, Any], files: dict[str, str], work: Path, 
     args = {"train": files["train"], "out": str(work / f"{name}-trainer"), "model_dir": str(work / name),
             "bs": a.batch_size, "steps": a.steps, "lr": a.lr, "max_length": a.max_length, "seed": a.seed,
             "r": a.lora_r, "alpha": a.lora_alpha, "dropout": a.lora_dropout, "threads": a.threads,
-            "bf16": spec["bf16"], "gc": spec["gc"]}
+            "bf16": spec["bf16"], "gc": spec["gc"], "labels": spec.get("labels", False)}
     log = work / f"{name}.log"
     rc, rss, wall = _spawn([sys.executable, "-c", TRL_WORKER, json.dumps(args)], log)
     res = next((json.loads(ln[7:]) for ln in log.read_text().splitlines() if ln.startswith("RESULT ")), None)
@@ -206,7 +218,8 @@ def run_trl(name: str, spec: dict[str, Any], files: dict[str, str], work: Path, 
             "train_peak_rss_mb": res["train_peak_rss_mb"], "trainable_params": res["trainable_params"],
             "params": res["params"], "wall_s": wall, "train_runtime": res["train_runtime"],
             "answer_tokens_per_row": res["answer_tokens_per_row"], "model_dir": str(work / name),
-            "settings": {"bf16": spec["bf16"], "gradient_checkpointing": spec["gc"]}}
+            "settings": {"bf16": spec["bf16"], "gradient_checkpointing": spec["gc"],
+                         "slimtune_labels": spec.get("labels", False)}}
 
 
 EVAL_WORKER = r'''
@@ -253,7 +266,8 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "train_peak_rss": ra["train_peak_rss_mb"] / rb["train_peak_rss_mb"],
                 "heldout_loss_rel_diff": (ra["heldout_answer_loss"] - rb["heldout_answer_loss"]) / rb["heldout_answer_loss"]}
 
-    for a, b in (("slimtune", "trl"), ("slimtune", "trl-defaults"), ("slimtune-bf16", "trl-defaults"),
+    for a, b in (("slimtune", "trl"), ("slimtune", "trl-labels"), ("slimtune", "trl-defaults"),
+                 ("slimtune-bf16", "trl-bf16"), ("slimtune-bf16", "trl-defaults"),
                  ("slimtune-bf16", "trl"), ("qlora", "slimtune"), ("qlora", "lora-gc"), ("qlora-heap", "slimtune"),
                  ("qlora-nogc", "slimtune"),
                  ("lora-gc", "slimtune")):
@@ -276,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen runs one after the other, evaluate them, print and write the comparison."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="/work/assets/rt_instruct", help="folder with train/dev/test.jsonl (bench/make_instruct.py)")
-    ap.add_argument("--runs", default="slimtune,trl,trl-defaults,qlora,lora-gc", help=f"comma-separated, of {', '.join(RUNS)}")
+    ap.add_argument("--runs", default="slimtune,trl,trl-labels,trl-defaults,slimtune-bf16,trl-bf16,qlora,lora-gc,qlora-heap", help=f"comma-separated, of {', '.join(RUNS)}")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
