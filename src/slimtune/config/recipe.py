@@ -11,7 +11,6 @@ them all, so the documentation cannot drift from the code.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,25 +179,6 @@ def resolve(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     return recipe
 
 
-CAUSAL_ALIASES = ("smollm2",)  # model aliases (slimtune.models.loading.ALIASES) that are causal LMs
-
-
-def _is_causal_model(name: str | None) -> bool:
-    """Whether a model alias or folder is a causal LM (its config.json's architectures say so)."""
-    if not name:
-        return False
-    if name in CAUSAL_ALIASES:
-        return True
-    cfg = Path(name) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return False
-    return any(str(a).endswith("ForCausalLM") for a in archs)
-
-
 def infer_task(recipe: Recipe) -> dict[str, str] | None:
     """Set ``model.task`` from the data and the model when the user named none.
 
@@ -207,6 +187,7 @@ def infer_task(recipe: Recipe) -> dict[str, str] | None:
     causal-LM model is raw-LM text. Anything else stays classification. Returns the provenance
     entry when the task was inferred as causal-lm, else None.
     """
+    from slimtune.compress.inputs import is_causal_lm_folder  # transformers: config stays lean
     from slimtune.data.chat import detect_format, first_object  # loads torch: config stays lean
 
     train = recipe.data.train
@@ -219,7 +200,7 @@ def infer_task(recipe: Recipe) -> dict[str, str] | None:
         if fmt in ("chat", "alpaca", "prompt-completion"):
             recipe.model.task = "causal-lm"
             return {"value": "causal-lm", "source": f"auto ({train} holds {fmt} rows)"}
-    if suffix == ".txt" and _is_causal_model(recipe.model.name):
+    if suffix == ".txt" and is_causal_lm_folder(recipe.model.name):
         recipe.model.task = "causal-lm"
         return {"value": "causal-lm", "source": f"auto ({recipe.model.name} is a causal LM, {train} is text)"}
     return None
