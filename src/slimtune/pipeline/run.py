@@ -55,11 +55,11 @@ from slimtune.benchmark.settings import BenchSettings
 from slimtune.benchmark.timing import hardware_fingerprint
 from slimtune.compress.distill.recipe import run_distill
 from slimtune.compress.distill.settings import DistillConfig
+from slimtune.compress.inputs import is_causal_lm_folder
 from slimtune.compress.prune.recipe import PruneSettings, run_prune
 from slimtune.compress.quant.recipe import QuantizeSettings, run_quantize
 from slimtune.config.fields import check_ranges, default_of, setting
 from slimtune.config.recipe import (
-    CAUSAL_ALIASES,
     RecipeError,
     build_section,
     deep_merge,
@@ -73,7 +73,6 @@ from slimtune.data.packaged import expand_tree
 from slimtune.evaluate.evaluator import (
     EvaluateSettings,
     evaluate_model_dir,
-    model_task,
     run_evaluate,
 )
 from slimtune.io import atomic_write_json, atomic_write_text, weights_size_mb
@@ -197,7 +196,7 @@ def pipeline_task(recipe: Any, stages: list[str]) -> str:
     if "finetune" in stages:
         return recipe.model.task
     name = recipe.model.name
-    if name in CAUSAL_ALIASES or ((Path(name) / "config.json").is_file() and model_task(name) == "causal-lm"):
+    if is_causal_lm_folder(name):
         return "causal-lm"
     return recipe.model.task
 
