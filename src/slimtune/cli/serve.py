@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if print_config(args, shown_settings(cfg)):
         return 0
     try:
-        runner = load_runner(cfg.model, cfg.threads, cfg.device)  # checks --device before any weight loads
+        runner = load_runner(cfg.model, cfg.threads, cfg.device, min(cfg.max_batch_size, 8))  # checks --device before any weight loads
     except ValueError as e:
         raise RecipeError(str(e)) from None
     warmup(runner)

@@ -3,8 +3,10 @@
 Backends (``load_runner``): plain transformers folders (fp32, pruned, fine-tuned) run in torch;
 folders holding ``model.onnx`` run in ONNX Runtime; ``quantization.json`` folders run slimtune's
 quantized torch model. All expose the same tiny Runner interface, so the batcher and the HTTP
-layer never ask which one they have. Causal LMs are loaded as a decoder backend
-(:class:`slimtune.serve.torch_lm.TorchDecoder`, the torch one) for continuous batching.
+layer never ask which one they have. Causal LMs are loaded as a decoder backend for continuous
+batching: :class:`slimtune.serve.torch_lm.TorchDecoder` for transformers folders,
+:class:`slimtune.serve.llamacpp_lm.LlamaCppDecoder` for GGUF folders (``model.gguf`` + HF
+tokenizer: what ``slimtune quantize`` writes when llama.cpp measured fastest).
 
 Top-level imports are stdlib only; numpy, torch and onnxruntime are imported where used.
 """
@@ -23,6 +25,8 @@ import yaml
 from slimtune.evaluate.evaluator import model_task
 from slimtune.models.loading import load_model, load_tokenizer, resolve
 from slimtune.runtime.classifier import load_classifier
+from slimtune.runtime.gguf_folder import GGUF_FILE, GGUF_SIDECAR, is_gguf_folder
+from slimtune.runtime.llamacpp import llamacpp_available
 from slimtune.serve.lm_backend import DecoderBackend
 from slimtune.serve.torch_lm import TorchDecoder
 
@@ -37,7 +41,7 @@ class Runner:
     """
 
     task: str  # "classification" | "causal-lm"
-    backend: str  # "torch" | "onnxruntime" | "torch-quantized" (| "llama.cpp" for a future GGUF backend)
+    backend: str  # "torch" | "onnxruntime" | "torch-quantized" | "llama.cpp" (causal LMs: GGUF folders)
     tokenizer: Any
     max_length: int  # tokens per text (classification) or prompt (causal-lm)
     label_names: list[str] = field(default_factory=list)
@@ -148,12 +152,29 @@ def _classifier(model_dir: Path, threads: int | None, device: str = "cpu") -> An
     return logits_any
 
 
-def load_runner(model_dir: str, threads: int | None = None, device: str = "cpu") -> Runner:
+def _gguf_runner(d: Path, tok: Any, threads: int | None, device: str, max_sequences: int) -> Runner:
+    """A GGUF folder behind :class:`~slimtune.serve.llamacpp_lm.LlamaCppDecoder` (CPU)."""
+    if device != "cpu":
+        raise ValueError(f"{d}: a GGUF folder runs on llama.cpp's CPU build here; serve it with --device cpu")
+    if not llamacpp_available():
+        raise ValueError(f"{d}: its weights are {GGUF_FILE}, run by llama.cpp; install llama-cpp-python "
+                         f"(scripts/install.sh builds it)")
+    from slimtune.serve.llamacpp_lm import LlamaCppDecoder, folder_eos_ids  # needs llama_cpp
+
+    side = d / GGUF_SIDECAR
+    name = json.loads(side.read_text(encoding="utf-8")).get("file", GGUF_FILE) if side.is_file() else GGUF_FILE
+    lm = LlamaCppDecoder(d / name, tok, folder_eos_ids(d, tok), threads=threads or 0, max_batch=max_sequences)
+    return Runner("causal-lm", lm.name, tok, max_length=lm.context_length, lm=lm, device=device)
+
+
+def load_runner(model_dir: str, threads: int | None = None, device: str = "cpu", max_sequences: int = 8) -> Runner:
     """Load any slimtune output folder behind the Runner interface.
 
     Classifiers: ``model.onnx`` -> ONNX Runtime, ``quantization.json`` -> slimtune's quantized
     torch model, else transformers. Causal LMs (``architectures`` ending in ForCausalLM) run in
-    transformers behind :class:`~slimtune.serve.torch_lm.TorchDecoder`. ``model_dir`` may be a
+    transformers behind :class:`~slimtune.serve.torch_lm.TorchDecoder`; GGUF folders in llama.cpp,
+    holding up to ``max_sequences`` sequences (KV streams of 2,048 tokens each, allocated at
+    load). ``model_dir`` may be a
     packaged alias (``smollm2``). ``device`` ``cuda[:N]`` runs torch models and ONNX Runtime (CUDA provider) on
     that GPU. Raises FileNotFoundError/ValueError with the folder (or ``--device``) named when it
     cannot be served.
@@ -165,6 +186,8 @@ def load_runner(model_dir: str, threads: int | None = None, device: str = "cpu")
     task = model_task(str(d))
     tok = load_tokenizer(str(d))
     if task == "causal-lm":
+        if is_gguf_folder(d):
+            return _gguf_runner(d, tok, threads, device, max_sequences)
         if (d / "model.onnx").is_file() and not (d / "model.safetensors").is_file():
             raise ValueError(f"{d}: serving ONNX causal LMs is not supported; serve the safetensors folder")
         if threads:
