@@ -79,7 +79,9 @@ def test_compress_contract_then_honest_miss(setup: dict[str, Path]) -> None:
 
     from slimtune.config.fields import settings_dict
 
-    assert yaml.safe_load((out / "compress.yaml").read_text()) == settings_dict(s)
+    saved = yaml.safe_load((out / "compress.yaml").read_text())
+    assert saved == settings_dict(s.resolved())  # the task's defaults filled in
+    assert (saved["quant"], saved["recover_steps"], saved["batch_size"]) == (["int8"], 2, 16)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert f"{best['test_accuracy']:.4f} vs" in summary["verdict"]  # the held-out figure is in the verdict
     assert "test retention" in (out / "report.md").read_text()

@@ -44,6 +44,8 @@ ROWS: dict[str, dict[str, tuple[list[str], str, Any]]] = {
         "--eval": (["--eval", "{eval2}"], "eval", "{eval2}"),
         "--output": (["--output", "{root}/c2"], "output", "{root}/c2"),
         "--max-accuracy-drop": (["--max-accuracy-drop", "2.5"], "max_accuracy_drop", 2.5),
+        "--max-perplexity-increase": (["--max-perplexity-increase", "2.5"], "max_perplexity_increase", 2.5),
+        "--keep-layers": (["--keep-layers", "0.5,3"], "keep_layers", [0.5, 3.0]),
         "--test": (["--test", "{eval2}"], "test", "{eval2}"),
         "--max-size-mb": (["--max-size-mb", "9.5"], "max_size_mb", 9.5),
         "--max-latency-ms": (["--max-latency-ms", "3"], "max_latency_ms", 3.0),
@@ -212,7 +214,7 @@ def test_every_flag_has_a_row_and_the_count() -> None:
     n = len(PAIRS)
     print(f"flag contract: {n} command x flag pairs covered "
           + ", ".join(f"{c} {len(flags_of(c))}" for c in COMMANDS))
-    assert n == sum(len(r) for r in ROWS.values()) == 90
+    assert n == sum(len(r) for r in ROWS.values()) == 92
 
 
 @pytest.mark.parametrize("cmd, flag", PAIRS, ids=[f"{c} {f}" for c, f in PAIRS])
@@ -248,7 +250,7 @@ def test_run_overrides_reach_the_printed_recipe(paths: dict[str, str], capsys: p
     (["bench", "--model", "{bert}", "--seq-lens", "16,0"], "--seq-lens: must be >= 1, got 0"),
     (["bench", "--model", "{bert}", "--batch-sizes", "x"], "--batch-sizes[0]: expected an integer, got 'x'"),
     (["bench", "--print-config"], "--model: is required"),
-    (["compress", *REQUIRED["compress"], "--quant", "int9"], "--quant[0]: 'int9' is not one of ['int8', 'none']"),
+    (["compress", *REQUIRED["compress"], "--quant", "int9"], "--quant[0]: 'int9' is not one of ['int8', 'int4', 'none']"),
     (["compress", *REQUIRED["compress"], "--ffn", "1"], "--ffn: must be in (0, 1), got 1.0"),
     (["compress", *REQUIRED["compress"], "--max-accuracy-drop", "-1"], "--max-accuracy-drop: must be >= 0"),
     (["compress", *REQUIRED["compress"], "--train", "{root}/missing.tsv"], "--train: file not found"),

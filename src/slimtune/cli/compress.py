@@ -9,13 +9,14 @@ from pathlib import Path
 from slimtune.cli.common import add_settings_arguments, print_config, resolve_settings
 from slimtune.cli.lists import comma_lists
 from slimtune.pipeline.search import CompressSettings, run_compress
+from slimtune.pipeline.search_decoder import run_decoder_compress
 from slimtune.report.html import enrich, markdown_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``slimtune compress``: ``--config``, one flag per :class:`CompressSettings` field, ``--print-config``."""
     add_settings_arguments(p, CompressSettings)
-    comma_lists(p, ("depths", "ffn", "quant", "static_dims"))
+    comma_lists(p, ("depths", "ffn", "quant", "static_dims", "keep_layers"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if print_config(args, s):
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = run_compress(s)  # writes OUT/compress.yaml first
+    summary = (run_decoder_compress if s.decoder else run_compress)(s)  # writes OUT/compress.yaml first
 
     ok = [c for c in summary["candidates"] if c.get("status") == "ok"]
     print(markdown_table(enrich(ok, next(c for c in ok if c["name"] == "input"))))

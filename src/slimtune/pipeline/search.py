@@ -65,11 +65,12 @@ class CompressSettings:
     """Everything ``slimtune compress`` does (each field is a flag); saved as ``OUT/compress.yaml``
     (what ``--config`` reads back) and ``OUT/compress.json``."""
 
-    model: str = setting(help="Fine-tuned classifier folder: the teacher and the reference.", metavar="DIR")
+    model: str = setting(help="Fine-tuned classifier or causal-LM folder: the teacher and the reference (a causal LM runs the decoder search, slimtune.pipeline.search_decoder).", metavar="DIR")
     train: str = setting(help="Training file (distillation, recovery, vocabulary).", metavar="FILE")
     eval: str = setting(help="Labelled file the accuracy constraint is checked on (use a dev split).", metavar="FILE")
     output: str = setting(help="Output folder (best/, candidates/, report, the settings).", metavar="DIR")
-    max_accuracy_drop: float = setting(help="Accuracy points the result may lose vs --model on --eval (1 = one point).", ge=0)
+    max_accuracy_drop: float = setting(help="Accuracy points the result may lose vs --model on --eval (1 = one point; decoders: exact-match points).", ge=0)
+    max_perplexity_increase: float = setting(5.0, "Decoders: answer (or text) perplexity on --eval may rise by at most P percent vs --model.", ge=0)
     test: str | None = setting(None, "Held-out labelled file: accuracy reported for every candidate, never used to choose.", metavar="FILE")
     max_size_mb: float | None = setting(None, "Also require weights on disk <= S MB.", gt=0)
     max_latency_ms: float | None = setting(None, "Also require p50 latency <= L ms (at the bench setting below).", gt=0)
@@ -77,14 +78,15 @@ class CompressSettings:
     depths: list[int] = setting([2, 3, 4], "Student layer counts to consider, comma-separated.", ge=1, metavar="N[,N...]")
     ffn: list[float] = setting([0.5], "FFN fractions to remove, comma-separated.", gt=0, lt=1, metavar="F[,F...]")
     vocab: bool = setting(True, "Prune the vocabulary to --train (--no-vocab: keep it).")
-    quant: list[Literal["int8", "none"]] = setting(["int8"], "Quantized variants, comma-separated: int8 (ONNX Runtime) and/or none.", metavar="Q[,Q...]")
+    quant: list[Literal["int8", "int4", "none"]] | None = setting(None, "Quantized variants, comma-separated: int8 (classifiers: ONNX Runtime; decoders: llama.cpp q8_0 or torch int8, by measurement), int4 (decoders: llama.cpp q4_0 / q4_k_m or torch int4, by measurement) and/or none. None: int8 for classifiers, int8,int4 for decoders.", metavar="Q[,Q...]")
+    keep_layers: list[float] = setting([0.8, 0.67], "Decoders: layers to keep, one depth candidate each (a count, or a fraction < 1 of the model's layers; ShortGPT block influence chooses them, KD recovers), comma-separated; empty: no depth pruning.", gt=0, metavar="K[,K...]")
     max_train_samples: int | None = setting(8000, "Training rows per training step.", ge=1)
     max_eval_samples: int | None = setting(None, "Evaluate on N rows of --eval (a seeded sample; default all).", ge=1)
     max_length: int = setting(128, "Tokens per example for training and evaluation.", ge=1)
     epochs: float = setting(1.0, "Distillation epochs.", gt=0)
     lr: float | None = setting(None, "Learning rate of distillation and recovery (None: the full method's declared default, 1e-4; the student trains in full).", gt=0)
-    batch_size: int = setting(32, "Training batch size.", ge=1)
-    recover_steps: int = setting(200, "KD recovery steps after FFN pruning.", ge=0)
+    batch_size: int | None = setting(None, "Training batch size (None: 32 for classifiers, 8 for decoders).", ge=1)
+    recover_steps: int | None = setting(None, "KD recovery steps after pruning (None: 200 after a classifier's FFN pruning, 60 after a decoder's depth pruning).", ge=0)
     static_dims: list[int] = setting([256, 64], "Static-embedding students (token table + linear head, model2vec-style, trained by KD), one per width, comma-separated; empty: none.", ge=1, metavar="D[,D...]")
     static_epochs: float = setting(10.0, "Training epochs of the static-embedding students.", gt=0)
     alpha: float = setting(0.5, "Weight of hard-label CE in distillation (1 - alpha on the KD term).", ge=0, le=1)
@@ -102,19 +104,32 @@ class CompressSettings:
         check_ranges(self, "--")
         if not (Path(self.model) / "config.json").is_file():
             raise RecipeError(f"--model: not a model folder (no config.json): {self.model}")
-        if is_causal_lm_folder(self.model):  # never bolt a classification head onto a decoder
-            raise RecipeError(f"--model {self.model}: a causal language model; `slimtune compress` searches "
-                              f"classifiers only (decoders: slimtune prune, slimtune quantize, slimtune export)")
         for flag, path in (("--train", self.train), ("--eval", self.eval), ("--test", self.test)):
             if path is not None and not Path(path).is_file():
                 raise RecipeError(f"{flag}: file not found: {path}")
-        bad = [q for q in self.quant if q not in ("int8", "none")]
+        bad = [q for q in self.quant or [] if q not in ("int8", "int4", "none")]
         if bad:
-            raise RecipeError(f"--quant: {bad[0]!r} is not one of ['int8', 'none']")
+            raise RecipeError(f"--quant: {bad[0]!r} is not one of ['int8', 'int4', 'none']")
+        if "int4" in (self.quant or []) and not self.decoder:
+            raise RecipeError("--quant: int4 is for decoders (a classifier's int8 runs on ONNX Runtime; int4 has no "
+                              "faster kernel for it here)")
         if self.prefer not in ("balanced", "size", "latency"):
             raise RecipeError(f"--prefer: {self.prefer!r} is not one of ['balanced', 'size', 'latency']")
         if Path(self.output).resolve() == Path(self.model).resolve():
             raise RecipeError("--output must differ from --model")
+
+    @property
+    def decoder(self) -> bool:
+        """The input is a causal LM (the decoder search runs)."""
+        return is_causal_lm_folder(self.model)
+
+    def resolved(self) -> CompressSettings:
+        """These settings with the task-dependent defaults filled in (what ``compress.yaml`` records)."""
+        dec = self.decoder
+        return dataclasses.replace(
+            self, quant=self.quant if self.quant is not None else (["int8", "int4"] if dec else ["int8"]),
+            recover_steps=self.recover_steps if self.recover_steps is not None else (60 if dec else 200),
+            batch_size=self.batch_size if self.batch_size is not None else (8 if dec else 32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +318,10 @@ def run_compress(s: CompressSettings, log: Any = None) -> dict[str, Any]:
     """Run the search; write ``best/``, ``candidates.json`` and the report; return a summary."""
 
     s.validate()
+    if s.decoder:
+        raise RecipeError(f"--model {s.model}: a causal LM; run slimtune.pipeline.search_decoder.run_decoder_compress "
+                          f"(slimtune compress picks it)")
+    s = s.resolved()
     S = Search(s, log)
     out = S.out
     atomic_write_json(out / "compress.json", dataclasses.asdict(s))
@@ -477,15 +496,22 @@ def _score(c: dict[str, Any], ref: dict[str, Any], prefer: str) -> tuple[float, 
 
 def finish(S: Search, t_eval: dict[str, Any]) -> dict[str, Any]:
     """Bench every candidate and the input side by side; choose; write best/, JSON and report."""
+    return finish_with(S, t_eval, _final_bench)
 
-    ok, res = _final_bench(S)
+
+def finish_with(S: Search, t_eval: dict[str, Any], bench: Any, *, constraint: str | None = None,
+                latency: str | None = None) -> dict[str, Any]:
+    """:func:`finish` with another side-by-side ``bench(S) -> (built candidates, results with "hardware")``
+    (the decoder search times decoding) and, for the report, other constraint and latency sentences."""
+
+    ok, res = bench(S)
     _mark_front(S, ok)
     best, verdict_ok, verdict = _choose(S, ok)
     for c in S.cands.values():
         c["best"] = c is best
     S.save()
     _write_best(S, best, verdict_ok, res)
-    paths = _write_report(S, ok, best, verdict, verdict_ok, t_eval)
+    paths = _write_report(S, ok, best, verdict, verdict_ok, t_eval, constraint=constraint, latency=latency)
     summary = {"verdict": verdict, "meets_constraints": verdict_ok, "best": best["name"],
                "min_accuracy": S.min_accuracy, "report": str(paths["html"]),
                "candidates": list(S.cands.values())}
@@ -571,16 +597,16 @@ def _choose(S: Search, ok: list[dict[str, Any]]) -> tuple[dict[str, Any], bool, 
 
 
 def _write_report(S: Search, ok: list[dict[str, Any]], best: dict[str, Any], verdict: str, verdict_ok: bool,
-                  t_eval: dict[str, Any]) -> dict[str, Path]:
+                  t_eval: dict[str, Any], *, constraint: str | None = None, latency: str | None = None) -> dict[str, Path]:
     """``OUT/report.{html,md,json}``: every built candidate, the constraint, the search and the hardware."""
 
     s = S.s
     rows = [{**c, "settings": c.get("settings"), "metrics_jsonl": str(Path(c["path"]) / "metrics.jsonl")}
             for c in ok]
-    meta = {"constraint": f"accuracy >= {S.min_accuracy:.4f} on {s.eval} (input {t_eval['accuracy']:.4f} "
-                          f"- {s.max_accuracy_drop} pt){_size_latency_text(s, '; ')}",
-            "latency setting": f"threads {s.threads}, batch {s.bench_batch_size}, seq {s.bench_seq_len}, "
-                               f"{s.bench_repeats} interleaved rounds, one run",
+    meta = {"constraint": (constraint or f"accuracy >= {S.min_accuracy:.4f} on {s.eval} (input {t_eval['accuracy']:.4f} "
+                                         f"- {s.max_accuracy_drop} pt)") + _size_latency_text(s, '; '),
+            "latency setting": latency or (f"threads {s.threads}, batch {s.bench_batch_size}, seq {s.bench_seq_len}, "
+                                           f"{s.bench_repeats} interleaved rounds, one run"),
             "search": f"{len(S.cands)} candidates ({len(ok)} built), {(time.monotonic() - S.t0) / 60:.1f} min of "
                       f"{s.budget_minutes} min budget",
             "skipped": {c["name"]: c["reason"] for c in S.cands.values() if c.get("status") != "ok"} or "none",

@@ -71,7 +71,7 @@ class LlamaCppDecoder(DecoderBackend):
     def __init__(self, gguf: str | Path, tokenizer: Any, eos_ids: set[int], *, threads: int = 0, max_batch: int = 8,
                  context_length: int = 2048, n_batch: int = 512, verbose: bool = False):
         import llama_cpp  # optional dependency (the llamacpp extra): built from source
-        from llama_cpp._logger import set_verbose  # its log callback, as llama_cpp.Llama(verbose=...) sets it
+        from llama_cpp._logger import set_verbose  # optional dependency: the log filter
 
         set_verbose(verbose)
 
