@@ -133,3 +133,32 @@ def test_openai_client_gets_the_same_answers_from_the_gguf_folder(folders: tuple
     ref, got = answers(folders[0]), answers(folders[1])
     assert got == ref
     assert any(a.strip() for a in ref)
+
+
+def test_bench_times_a_gguf_folder_beside_its_transformers_folder(folders: tuple[Path, Path],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from slimtune.benchmark.generation import bench_decoders
+
+    hf, gg = folders
+    res = bench_decoders({"hf": str(hf), "gguf": str(gg)}, seq_lens=[8], repeats=3, warmup=1, new_tokens=4)
+    assert res["models"]["gguf"]["kind"] == "gguf" and res["models"]["hf"]["kind"] == "hf"
+    assert res["models"]["gguf"]["size_mb"] == pytest.approx((gg / "model.gguf").stat().st_size / 1e6)
+    for r in res["models"].values():
+        e = r["latency"][0]
+        assert e["p50_ms"] > 0 and e["decode_ms_per_token"] > 0 and e["seq_len"] == 8
+    with pytest.raises(ValueError, match="batch size 1"):
+        bench_decoders({"gguf": str(gg)}, batch_sizes=[2], seq_lens=[8])
+    out = gg.parent / "bench.json"
+    assert main(["bench", "--model", str(hf), str(gg), "--seq-lens", "8", "--repeats", "2", "--warmup", "1",
+                 "--output", str(out)]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())["models"]) == {"hf", "gguf"}
+
+
+def test_bench_refuses_a_decoder_among_classifiers(folders: tuple[Path, Path], tiny_bert_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--model", str(tiny_bert_dir), str(folders[0]), "--seq-lens", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a causal LM among classifiers" in err[0]

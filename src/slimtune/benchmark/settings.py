@@ -49,9 +49,15 @@ class BenchSettings:
                 raise RecipeError(f"{field_key(prefix, name)}: give at least one value")
         if self.eval is not None and not Path(self.eval).is_file():
             raise RecipeError(f"{field_key(prefix, 'eval')}: file not found: {self.eval}")
+        causal = []
         for d in self.model or []:
             if not (Path(d) / "config.json").is_file():
                 raise RecipeError(f"{field_key(prefix, 'model')}: not a model folder (no config.json): {d}")
-            if is_causal_lm_folder(d):  # load_predict would bolt a classification head onto it
-                raise RecipeError(f"{field_key(prefix, 'model')} {d}: a causal language model; slimtune bench times "
-                                  f"classifiers (decoders: slimtune quantize measures decode tokens/s; bench/llm.py)")
+            causal.append(is_causal_lm_folder(d))
+        if any(causal) and not all(causal):  # never time a decoder as a classifier (a fresh head)
+            d = next(d for d, c in zip(self.model or [], causal, strict=True) if c)
+            raise RecipeError(f"{field_key(prefix, 'model')} {d}: a causal LM among classifiers; bench decoders "
+                              f"(prefill latency, decode tokens/s) and classifiers in separate runs")
+        if any(causal) and self.eval is not None:
+            raise RecipeError(f"{field_key(prefix, 'eval')}: accuracy inside bench is for classifiers; a causal LM's "
+                              f"task metrics come from slimtune evaluate (exact match, answer perplexity)")

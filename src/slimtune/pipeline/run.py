@@ -14,11 +14,14 @@ validated before any weight loads.
 
 Causal LMs (``model.task: causal-lm``, given or inferred from chat/instruction JSONL or text data;
 or, with no finetune stage, a causal-LM input model) run :data:`DECODER_STAGES`: ``finetune`` (any
-method; SFT on chat data, raw LM on text) → ``evaluate`` (``slimtune evaluate``'s figures: answer
-perplexity, exact match, label accuracy and samples on a chat file; perplexity on text) →
-``bench`` (:mod:`slimtune.benchmark.generation`: prompt/prefill latency and decoding ms per
-token) → ``report``. The stages that cannot take a decoder yet (distill, prune, quantize) are
-refused at validation, naming them: the task is never silently changed.
+method; SFT on chat data, raw LM on text) → ``prune`` (the decoder path of ``slimtune prune``:
+vocabulary, depth, width, KD recovery; still a causal LM) → ``quantize`` (``slimtune quantize``
+for a decoder: the fastest int8/int4 kernel within its perplexity gate, llama.cpp GGUF or torch)
+→ ``evaluate`` (``slimtune evaluate``'s figures: answer perplexity, exact match, label accuracy and
+samples on a chat file; perplexity on text) → ``bench`` (:mod:`slimtune.benchmark.generation`:
+prompt/prefill latency and decoding ms per token, GGUF folders through llama.cpp) → ``report``.
+``distill`` cannot take a decoder yet and is refused at validation, naming it: the task is never
+silently changed.
 
 The ``evaluate`` and ``bench`` sections ARE the settings of ``slimtune evaluate`` /
 ``slimtune bench`` (:class:`~slimtune.evaluate.evaluator.EvaluateSettings`,
@@ -86,7 +89,7 @@ from slimtune.train.finetune import run_finetune
 ORDER = ("finetune", "distill", "prune", "quantize", "evaluate", "bench", "report")
 MODEL_STAGES = ("finetune", "distill", "prune", "quantize")
 SHARED_KEYS = ("output", "model", "data", "train", "method")  # the fine-tune recipe, shared by every stage
-DECODER_STAGES = ("finetune", "evaluate", "bench", "report")  # what a causal LM (SFT or raw LM) runs through
+DECODER_STAGES = ("finetune", "prune", "quantize", "evaluate", "bench", "report")  # what a causal LM runs through
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,9 +177,9 @@ def validate_tree(tree: dict[str, Any], source: str = "recipe") -> Plan:
         if s == "finetune":
             resolve(deep_merge(base, {"train": cfg.train, "method": cfg.method}), f"{source} (finetune)")
         elif s == "prune":
-            cfg = _prune_settings(cfg, recipe, sec)
+            cfg = _prune_settings(cfg, recipe, sec, task)
         elif s == "quantize":
-            cfg = _quantize_settings(cfg, recipe, sec)
+            cfg = _quantize_settings(cfg, recipe, sec, task)
         else:  # evaluate, bench, report: the commands' own settings
             _check_stage_settings(cfg, s, recipe)
             if task == "causal-lm":
@@ -278,7 +281,7 @@ def _fixed(max_length: Any) -> int | None:
     return None if max_length == "auto" else max_length
 
 
-def _prune_settings(cfg: PruneSettings, recipe: Any, given: dict[str, Any]) -> PruneSettings:
+def _prune_settings(cfg: PruneSettings, recipe: Any, given: dict[str, Any], task: str) -> PruneSettings:
     """The ``prune:`` section completed and checked before the previous stage's folder exists.
 
     ``train``/``eval``/``max_length``/``max_train_samples``/``max_eval_samples`` come from the
@@ -291,11 +294,11 @@ def _prune_settings(cfg: PruneSettings, recipe: Any, given: dict[str, Any]) -> P
               "max_eval_samples": d.max_eval_samples, "seed": recipe.train.seed}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in shared.items() if k not in given and not (k == "max_length" and v is None)})
     check_ranges(cfg, "prune")
-    cfg.validate(check_model=False)
+    cfg.validate(check_model=False, decoder=task == "causal-lm")
     return cfg
 
 
-def _quantize_settings(cfg: QuantizeSettings, recipe: Any, given: dict[str, Any]) -> QuantizeSettings:
+def _quantize_settings(cfg: QuantizeSettings, recipe: Any, given: dict[str, Any], task: str) -> QuantizeSettings:
     """The ``quantize:`` section completed (``eval``/``train``/``max_eval_samples``/``max_length``
     from the shared ``data`` section unless ``given``) and checked; ``model``/``output`` are set
     when the stage runs."""
@@ -304,7 +307,7 @@ def _quantize_settings(cfg: QuantizeSettings, recipe: Any, given: dict[str, Any]
     shared = {"eval": d.eval, "train": d.train, "max_eval_samples": d.max_eval_samples, "max_length": _fixed(d.max_length)}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in shared.items() if k not in given and not (k == "max_length" and v is None)})
     check_ranges(cfg, "quantize")
-    cfg.validate(check_model=False)
+    cfg.validate(check_model=False, decoder=task == "causal-lm")
     return cfg
 
 

@@ -125,16 +125,17 @@ class PruneSettings:
         config = _read_config(self.model)
         return config is not None and causal_lm_reason(config) is not None
 
-    def validate(self, *, check_model: bool = True) -> None:
+    def validate(self, *, check_model: bool = True, decoder: bool | None = None) -> None:
         """Check ranges, combinations, files and the model before any weight is loaded (errors name the flag).
 
         Args:
             check_model: Also require ``model``/``output`` and check the model (the pipeline
-                validates its recipe before the previous stage's folder exists; its compression
-                stages prune classifiers).
+                validates its recipe before the previous stage's folder exists).
+            decoder: Without ``check_model``: whether the model will be a causal LM (the
+                pipeline knows its task); None: a classifier.
         """
         check_ranges(self, "--")
-        decoder = check_model and self.is_decoder()
+        decoder = self.is_decoder() if check_model else bool(decoder)
         if check_model:
             self._check_model_and_output(decoder)
         if self.layers and self.keep_layers:
@@ -195,7 +196,7 @@ class PruneSettings:
             raise RecipeError("--vocab-top adds to the task tokens: also give --vocab (or --vocab-from FILE)")
         if self.kd and self.recover_steps == 0:
             raise RecipeError("--kd distils during recovery training: also give --recover-steps N")
-        config = _read_config(self.model) if self.model not in ALIASES else None
+        config = _read_config(self.model) if self.model and self.model not in ALIASES else None
         if config is not None:  # an alias is checked once resolved (its folder may not be built yet)
             check_decoder_plan(self, config)
 

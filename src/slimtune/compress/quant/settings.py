@@ -93,16 +93,19 @@ class QuantizeSettings:
         wanted = list(BACKENDS) if self.backend == "auto" else [self.backend]
         return [b for b in wanted if int8_backend_gap(b, cfg) is None]
 
-    def validate(self, *, check_model: bool = True) -> None:
+    def validate(self, *, check_model: bool = True, decoder: bool | None = None) -> None:
         """Check every setting, file and the model folder before any weight loads (errors name the flag).
 
         Args:
             check_model: Also require ``model``/``output`` and check the model folder (the
                 pipeline validates its recipe before the previous stage's folder exists).
+            decoder: Without ``check_model``: whether the model will be a causal LM (the
+                pipeline knows its task); None: a classifier.
         """
         check_ranges(self, "--")
-        if check_model and self.is_decoder():
-            self._check_output()
+        if self.is_decoder() if check_model else decoder:
+            if check_model:
+                self._check_output()
             validate_decoder(self)
             for flag, path in (("--eval", self.eval), ("--train", self.train)):
                 check_file(flag, path)
