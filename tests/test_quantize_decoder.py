@@ -77,10 +77,37 @@ def test_decoder_quantize_auto_measures_llamacpp_and_torch(tmp_path, capsys):
     assert set(m["candidates"]) == {"llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-int4"}
     fastest = max(m["candidates"], key=lambda n: m["candidates"][n]["decode_tokens_per_s"])
     assert m["backend_candidate"] == fastest
-    for c in m["candidates"].values():
-        assert c["perplexity"] > 1 and c["decode_tokens_per_s"] > 0
+    chosen = m["candidates"][fastest]
+    assert chosen["perplexity"] > 1 and chosen["perplexity"] == m["perplexity"]
+    for c in m["candidates"].values():  # the gate (1000%) passes the fastest: the slower ones are not scored
+        assert c["decode_tokens_per_s"] > 0
+        assert ("perplexity" in c) != ("not_scored" in c), c
+        assert c is chosen or "slower than " + fastest in c["not_scored"]
+
+
     if m["backend"] == "llama.cpp":
         assert (out / "model.gguf").is_file() and (out / "tokenizer.json").is_file() and (out / "gguf.json").is_file()
+
+
+def test_decoder_quantize_scores_down_to_the_first_within_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import slimtune.compress.quant.decoder as dec
+
+    scored: list[str] = []
+    ppl = {"fp32": 10.0, "fast": 12.0, "mid": 10.2, "slow": 10.1}  # fast misses a 5% gate, mid passes
+
+    def fake_score(c, data, threads):  # noqa: ANN001, ANN202
+        scored.append(c.name)
+        c.metrics["perplexity"] = ppl[c.name]
+
+    monkeypatch.setattr(dec, "score", fake_score)
+    fp32 = dec._Cand("fp32", "torch", metrics={"decode_tokens_per_s": 10})
+    cands = [dec._Cand(n, "llama.cpp", metrics={"decode_tokens_per_s": v}) for n, v in (("slow", 20), ("fast", 40),
+                                                                                       ("mid", 30))]
+    dec.score_fastest_first(fp32, cands, None, 1, 5.0)
+    assert scored == ["fp32", "fast", "mid"]  # fastest first, stop at the first within the gate
+    assert "slower than mid" in cands[0].metrics["not_scored"] and "perplexity" not in cands[0].metrics
+    best, _ = dec.choose(cands, fp32, 5.0)
+    assert best is cands[2] and cands[1].metrics["rejected"] == "perplexity +20.00% > 5%"
 
 
 @pytest.mark.parametrize("argv, needle", [

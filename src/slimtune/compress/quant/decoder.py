@@ -184,9 +184,6 @@ def run_decoder_quantize(s: QuantizeSettings) -> dict[str, Any]:
     with atomic_dir(out) as tmp, _work_dir(out) as work_name:
         work = Path(work_name)
         cands = [build(n, model, tok, work, s.group_size) for n in candidate_names(s.scheme, s.backend)]
-        if data is not None:
-            for c in (fp32, *cands):
-                score(c, data, s.threads)
         opened = {c.name: _open(c, s.threads, len(prompt) + s.new_tokens + 8) for c in cands if c.backend == "llama.cpp"}
         runners = {c.name: (llamacpp_runner(opened[c.name], prompt) if c.name in opened else torch_runner(c.runnable, prompt))
                    for c in (fp32, *cands)}
@@ -196,6 +193,8 @@ def run_decoder_quantize(s: QuantizeSettings) -> dict[str, Any]:
             m.close()
         for c in (fp32, *cands):
             c.metrics.update(speed[c.name])
+        if data is not None:
+            score_fastest_first(fp32, cands, data, s.threads, gate)
         chosen, why = choose(cands, fp32, gate)
         if chosen is None:
             raise QuantizeError(f"{src}: {why}; nothing written (raise --max-perplexity-increase or try --scheme int8)")
@@ -211,11 +210,30 @@ def _work_dir(out: Path) -> Any:
     return tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-")
 
 
+def score_fastest_first(fp32: _Cand, cands: list[_Cand], data: TokenizedData, threads: int, gate_pct: float) -> None:
+    """Perplexity of fp32, then of the candidates from the fastest down until one is within the gate.
+
+    The choice is the fastest candidate within the gate, so the slower ones cannot be chosen once
+    one passes: they are not scored (``not_scored`` says why). Scoring is most of a run's time
+    where a kernel is slow (torch's int4 on a CPU without its fast path: minutes for a 135M model).
+    """
+    score(fp32, data, threads)
+    ref = fp32.metrics["perplexity"]
+    passed: _Cand | None = None
+    for c in sorted(cands, key=lambda c: -c.metrics["decode_tokens_per_s"]):
+        if passed is not None:
+            c.metrics["not_scored"] = f"slower than {passed.name}, which is within the perplexity gate"
+            continue
+        score(c, data, threads)
+        if (c.metrics["perplexity"] / ref - 1) * 100 <= gate_pct:
+            passed = c
+
+
 def choose(cands: list[_Cand], fp32: _Cand, gate_pct: float) -> tuple[_Cand | None, str]:
     """The fastest decoder whose perplexity is within ``gate_pct`` percent of fp32's."""
     ref = fp32.metrics.get("perplexity")
     ok = []
-    for c in cands:
+    for c in (c for c in cands if "not_scored" not in c.metrics):
         ppl = c.metrics.get("perplexity")
         c.metrics["perplexity_increase_pct"] = (ppl / ref - 1) * 100 if ppl is not None and ref else None
         if c.metrics["perplexity_increase_pct"] is not None and c.metrics["perplexity_increase_pct"] > gate_pct:
