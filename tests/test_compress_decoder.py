@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimtune.cli.main import main
 from slimtune.evaluate.evaluator import run_evaluate
-from slimtune.pipeline.search import _score
+from slimtune.pipeline.search import CompressSettings, _score
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,29 @@ def test_bad_decoder_settings_exit_2_with_one_line(extra: list[str], message: st
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "bad" / "candidates.json").exists()  # refused before any weight loads
+
+
+def test_a_kernel_that_misses_the_task_constraint_is_retried_more_accurately() -> None:
+    """The retry rule, with the build stubbed (which kernel wins a timed run is the machine's call, not the test's)."""
+    from slimtune.pipeline.search_decoder import DecoderSearch
+
+    S = DecoderSearch.__new__(DecoderSearch)  # only the state quantized() reads
+    S.s = CompressSettings(model="m", train="t", eval="e", output="o", max_accuracy_drop=1, quant=["int4"])
+    S.max_perplexity, S.min_accuracy = 2.2, 0.5
+    built: list[tuple[str, dict]] = []
+    outcomes = iter([("llama.cpp-q4_0", 8.0, 0.4), ("llama.cpp-q4_1", 3.0, 0.45), ("llama.cpp-q4_k_m", 1.0, 0.6)])
+
+    def build(name: str, parent: str, settings: dict, kind: str, make: object) -> dict:
+        kernel, inc, acc = next(outcomes)
+        built.append((name, settings))
+        return {"name": name, "status": "ok", "kernel": kernel, "kernel_increase_pct": inc, "accuracy": acc,
+                "size_mb": 1.0, "answer_perplexity": 2.0}
+
+    S.build, S.record, S.say = build, lambda *a, **k: None, lambda m: None
+    parent = {"name": "v", "settings": {"vocab": "task-text"}, "answer_perplexity": 2.0, "status": "ok",
+              "accuracy": 0.6, "size_mb": 2.0}
+    S.quantized(parent)
+    assert [n for n, _ in built] == ["v-int4", "v-int4-r2", "v-int4-r3"]  # two misses, then a hit: no fourth
+    gates = [st.get("max_perplexity_increase") for _, st in built]
+    assert gates[0] is None and gates[1] == pytest.approx(8.0) and gates[2] == pytest.approx(3.0)  # below each miss
+    assert all(st["quant"] == "int4" and st["vocab"] == "task-text" for _, st in built)

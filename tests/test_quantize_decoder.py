@@ -74,7 +74,7 @@ def test_decoder_quantize_auto_measures_llamacpp_and_torch(tmp_path, capsys):
                "--seq-len", "16", "--new-tokens", "4", "--repeats", "1", "--max-perplexity-increase", "1000"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["candidates"]) == {"llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-int4"}
+    assert set(m["candidates"]) == {"llama.cpp-q4_0", "llama.cpp-q4_1", "llama.cpp-q4_k_m", "torch-int4"}
     fastest = max(m["candidates"], key=lambda n: m["candidates"][n]["decode_tokens_per_s"])
     assert m["backend_candidate"] == fastest
     chosen = m["candidates"][fastest]

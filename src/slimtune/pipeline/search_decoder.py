@@ -48,6 +48,7 @@ from slimtune.runtime.generate import load_for_generation, prompt_ids
 from slimtune.runtime.gguf_folder import is_gguf_folder, open_gguf_folder
 
 PROBE_TOKENS = 16  # greedy tokens of the quick speed probe that steers the search
+MAX_KERNEL_TRIES = 3  # quantized children of one parent and scheme, each more accurate than the last
 SPEED_TOKENS = 64  # greedy tokens per round of the final side-by-side bench
 
 
@@ -134,7 +135,10 @@ class DecoderSearch(Search):
         """Exact match and answer perplexity on --eval, size, and a quick decode-speed probe."""
         ev = self.evaluate(d)
         probe = self.speed({name: str(d)}, PROBE_TOKENS, 2)[name]
-        return {"kind": "gguf" if is_gguf_folder(d) else "hf", "size_mb": decoder_size_mb(d),
+        q = json.loads((d / "metrics.json").read_text()) if (d / "quantize.yaml").is_file() else {}
+        kernel = q.get("backend_candidate")
+        return {"kind": "gguf" if is_gguf_folder(d) else "hf", "size_mb": decoder_size_mb(d), "kernel": kernel,
+                "kernel_increase_pct": (q.get("candidates", {}).get(kernel) or {}).get("perplexity_increase_pct"),
                 "accuracy": ev.get("exact_match"), "answer_perplexity": ev.get("answer_perplexity"),
                 "label_accuracy": ev.get("accuracy"), "params": ev.get("params"),
                 "latency_ms_probe": 1000 / max(probe["decode_tokens_per_s"], 1e-9),
@@ -143,26 +147,40 @@ class DecoderSearch(Search):
     # --- step makers -------------------------------------------------------------------------
 
     def quantized(self, parent: dict[str, Any], *_: Any) -> None:  # type: ignore[override]
-        """``parent``'s int8 / int4 children (``slimtune quantize``'s decoder path), each the fastest kernel
-        within the perplexity budget the input's constraint leaves."""
-        s = self.s
-        for scheme in (q for q in s.quant or [] if q in ("int8", "int4")):
-            name = f"{parent['name']}-{scheme}"
-            settings = {**parent["settings"], "quant": scheme}
+        """``parent``'s int8 / int4 children (``slimtune quantize``'s decoder path): the fastest kernel within
+        the perplexity budget the input's constraint leaves. When that kernel misses the exact-match
+        constraint (and the parent meets it), the next is built with a perplexity gate just below the
+        missed one's, so ``quantize`` picks a more accurate (slower) kernel: ``-r2``, ``-r3``."""
+        for scheme in (q for q in self.s.quant or [] if q in ("int8", "int4")):
             ppl = parent.get("answer_perplexity")
             gate = (self.max_perplexity / ppl - 1) * 100 if ppl and self.max_perplexity else 1e9
-            if gate < 0:
-                self.record(name, parent=parent["name"], settings=settings, status="skipped",
-                            reason=f"{parent['name']} already uses the whole perplexity budget")
-                continue
+            for attempt in range(1, MAX_KERNEL_TRIES + 1):
+                name = f"{parent['name']}-{scheme}" + (f"-r{attempt}" if attempt > 1 else "")
+                settings = {**parent["settings"], "quant": scheme, **({"max_perplexity_increase": gate} if attempt > 1
+                                                                       else {})}
+                if gate < 0:
+                    self.record(name, parent=parent["name"], settings=settings, status="skipped",
+                                reason=f"{parent['name']} already uses the whole perplexity budget")
+                    break
+                c = self.build(name, parent["name"], settings, f"quantize-{scheme}", self._quantize_step(
+                    parent, scheme, gate))
+                if c is None or self.feasible(c) or not self.feasible(parent) or c.get("kernel_increase_pct") is None:
+                    break
+                if c["kernel_increase_pct"] <= 0:  # quantize's gate cannot ask for less than fp32's perplexity
+                    self.say(f"{name}: missed with {c['kernel']} at {c['kernel_increase_pct']:+.2f}% perplexity; no "
+                             f"more accurate kernel to ask for")
+                    break
+                gate = c["kernel_increase_pct"] - 1e-6  # exclude the kernel that missed (and every less accurate one)
 
-            def make(d: Path, scheme: str = scheme, gate: float = gate) -> None:
-                run_quantize(QuantizeSettings(model=parent["path"], output=str(d), scheme=scheme, eval=s.eval,
-                                              max_eval_samples=s.max_eval_samples, max_length=s.max_length,
-                                              threads=s.threads, repeats=3, new_tokens=32,
-                                              max_perplexity_increase=gate))
+    def _quantize_step(self, parent: dict[str, Any], scheme: str, gate: float) -> Any:
+        s = self.s
 
-            self.build(name, parent["name"], settings, f"quantize-{scheme}", make)
+        def make(d: Path) -> None:
+            run_quantize(QuantizeSettings(model=parent["path"], output=str(d), scheme=scheme, eval=s.eval,
+                                          max_eval_samples=s.max_eval_samples, max_length=s.max_length,
+                                          threads=s.threads, repeats=3, new_tokens=32, max_perplexity_increase=gate))
+
+        return make
 
     def pruned(self, parent: str, name: str, settings: dict[str, Any], keep: int | None) -> dict[str, Any] | None:
         """A vocabulary (+ depth, KD-recovered) pruned child of the input."""

@@ -165,7 +165,8 @@ class QuantizeSettings:
 
 def candidate_names(scheme: str, backend: str) -> list[str]:
     """The candidates ``--scheme``/``--backend`` ask for (llama.cpp ones only when it is installed)."""
-    names = {"int8": ["llama.cpp-q8_0", "torch-int8"], "int4": ["llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-int4"]}[scheme]
+    names = {"int8": ["llama.cpp-q8_0", "torch-int8"], "int4": ["llama.cpp-q4_0", "llama.cpp-q4_1", "llama.cpp-q4_k_m",
+                                                              "torch-int4"]}[scheme]
     if backend != "auto":
         names = [n for n in names if n.startswith(backend + "-")]
     if not llamacpp_available():
