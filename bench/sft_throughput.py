@@ -275,6 +275,21 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def seed_means(runs: dict[str, dict[str, Any]], names: list[str], seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """Per run kind, the mean of every figure over the seeds (and the spread of the held-out loss)."""
+    keys = ("tokens_per_s", "tokens_per_s_median_step", "train_seconds", "peak_rss_mb", "train_peak_rss_mb",
+            "heldout_answer_loss")
+    out = {}
+    for n in names:
+        rs = [runs[f"{n}@s{s}"] for s in seeds]
+        m: dict[str, Any] = {k: sum(r[k] for r in rs) / len(rs) for k in keys}
+        losses = [r["heldout_answer_loss"] for r in rs]
+        m.update(trainable_params=rs[0]["trainable_params"], seeds=seeds, heldout_answer_losses=losses,
+                 heldout_answer_loss_std=(sum((x - m["heldout_answer_loss"]) ** 2 for x in losses) / (len(rs) - 1)) ** 0.5)
+        out[n] = m
+    return out
+
+
 def table(runs: dict[str, dict[str, Any]]) -> str:
     """Markdown table of the runs."""
     lines = ["| run | tokens/s (mean) | tokens/s (median step) | train s | peak RSS MB | train peak RSS MB | "
@@ -298,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=float, default=32.0)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data sample (and of training without --seeds)")
+    ap.add_argument("--seeds", help="comma-separated training seeds: every run once per seed, interleaved (run@sN), "
+                                    "on the same data sample; the means are compared")
     ap.add_argument("--eval-rows", type=int, default=200, help="held-out rows (a seeded sample of test.jsonl)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
     ap.add_argument("--work", help="scratch folder (default: a temp folder, removed)")
@@ -312,17 +329,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work or tmp.name)  # type: ignore[union-attr]
     files = prepare_files(Path(a.data), work, a)
     load_start = os.getloadavg()
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     runs: dict[str, dict[str, Any]] = {}
-    for n in names:
-        spec = RUNS[n]
-        print(f"[sft-bench] {n}: {spec['what']}", file=sys.stderr, flush=True)
-        runs[n] = (run_slimtune if spec["kind"] == "slimtune" else run_trl)(n, spec, files, work, a)
-        print(f"[sft-bench] {n}: {runs[n]['tokens_per_s']:.1f} tokens/s, peak RSS {runs[n]['peak_rss_mb']:.0f} MB",
-              file=sys.stderr, flush=True)
+    for seed in seeds:
+        for n in names:
+            spec, key = RUNS[n], n if len(seeds) == 1 else f"{n}@s{seed}"
+            print(f"[sft-bench] {key}: {spec['what']}", file=sys.stderr, flush=True)
+            runs[key] = (run_slimtune if spec["kind"] == "slimtune" else run_trl)(
+                key, spec, files, work, argparse.Namespace(**{**vars(a), "seed": seed}))
+            runs[key]["seed"] = seed
+            print(f"[sft-bench] {key}: {runs[key]['tokens_per_s']:.1f} tokens/s, peak RSS "
+                  f"{runs[key]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
     losses = evaluate_all({n: r["model_dir"] for n, r in runs.items()}, files, work, a)
     for n, r in runs.items():
         r["heldout_answer_loss"] = losses[n]["loss"]
         r["heldout_answer_tokens"] = losses[n]["tokens"]
+    means = seed_means(runs, names, seeds) if len(seeds) > 1 else runs
     from slimtune.benchmark.timing import hardware_fingerprint
 
     result = {"what": "chat SFT (answer-only loss) of SmolLM2-135M-Instruct: slimtune vs TRL SFTTrainer + PEFT, "
@@ -330,9 +352,14 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {k: v for k, v in vars(a).items() if k not in ("work", "out")},
               "files": {k: {"path": v, "rows": sum(1 for _ in open(v, encoding="utf-8"))} for k, v in files.items()},
               "load_average": {"start": load_start, "end": os.getloadavg()},
-              "hardware": hardware_fingerprint(), "runs": runs, "ratios": ratios(runs),
+              "hardware": hardware_fingerprint(), "runs": runs, "ratios": ratios(means),
+              **({"seed_means": means, "ratios_per_seed": {s: ratios({n: runs[f"{n}@s{s}"] for n in names})
+                                                           for s in seeds}} if len(seeds) > 1 else {}),
               "bench_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(table(runs))
+    if len(seeds) > 1:
+        print(f"means over seeds {seeds}:")
+        print(table(means))
     print(json.dumps(result["ratios"], indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -121,6 +121,8 @@ QUANT_ROWS = [
     Row("--max-accuracy-drop", ["--max-accuracy-drop", "1.5"], "max_accuracy_drop", 1.5, pre=["--eval", "{qeval}"]),
     Row("--max-perplexity-increase", ["--max-perplexity-increase", "3"], error="applies to causal LMs"),
     Row("--new-tokens", ["--new-tokens", "8"], "new_tokens", 8),
+    Row("--norm-steps", ["--norm-steps", "3"], error="applies to causal LMs"),
+    Row("--norm-lr", ["--norm-lr", "1e-4"], "norm_lr", 1e-4),
     Row("--export-dequantized", ["--export-dequantized"], "export_dequantized", True, pre=["--scheme", "int4"]),
     Row("--no-export-dequantized", ["--no-export-dequantized"], "export_dequantized", False,
         pre=["--scheme", "int4", "--export-dequantized"]),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers_chat import polarity_rows, write_jsonl
 from helpers_export import make_bpe_llama
+from safetensors.torch import load_file
 
 from slimtune.cli.main import main
 from slimtune.compress.quant.api import Int4WeightConfig, Int8WeightConfig, quantize_
@@ -74,7 +75,7 @@ def test_decoder_quantize_auto_measures_llamacpp_and_torch(tmp_path, capsys):
                "--seq-len", "16", "--new-tokens", "4", "--repeats", "1", "--max-perplexity-increase", "1000"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["candidates"]) == {"llama.cpp-q4_0", "llama.cpp-q4_1", "llama.cpp-q4_k_m", "torch-int4"}
+    assert set(m["candidates"]) == {"llama.cpp-q4_0", "llama.cpp-q4_k_m", "torch-int4"}  # no calibration file
     fastest = max(m["candidates"], key=lambda n: m["candidates"][n]["decode_tokens_per_s"])
     assert m["backend_candidate"] == fastest
     chosen = m["candidates"][fastest]
@@ -179,3 +180,38 @@ def test_evaluate_scores_a_quantized_decoder_as_quantize_did(tmp_path, capsys, b
     m = json.loads((tmp_path / "e.json").read_text())
     assert m["answer_perplexity"] == pytest.approx(chosen, rel=1e-4)
     assert "exact_match" in m
+
+
+@needs_llamacpp
+def test_decoder_int4_with_training_data_builds_gptq_q4_0_with_tuned_norms(tmp_path):
+    """--train gives GPTQ Q4_0 (instead of plain rounding) plus norm tuning: the codes stay Q4_0, the
+    norms move, and the GPTQ rounding's layer error is below round-to-nearest's."""
+    import gguf
+    import numpy as np
+
+    model, chat = _bpe_llama_and_chat(tmp_path)
+    out = tmp_path / "q4g"
+    rc = main(["quantize", "--model", str(model), "--scheme", "int4", "--backend", "llama.cpp", "--eval", str(chat),
+               "--train", str(chat), "--norm-steps", "3", "--output", str(out), "--seq-len", "16", "--new-tokens", "4",
+               "--repeats", "1", "--max-perplexity-increase", "1000"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["candidates"]) == {"llama.cpp-q4_0-gptq", "llama.cpp-q4_k_m"}
+    g = m["candidates"]["llama.cpp-q4_0-gptq"]["info"]
+    assert g["tensor_types"]["q4_0"] == 14 and g["norm_tuning"]["steps"] == 3
+    assert g["gptq"]["mean_output_error"]["gptq"] < g["gptq"]["mean_output_error"]["round_to_nearest"]
+    if m["backend_candidate"] == "llama.cpp-q4_0-gptq":
+        r = gguf.GGUFReader(out / "model.gguf")
+        norms = [t for t in r.tensors if t.name.endswith("attn_norm.weight")]
+        src = {k: v for k, v in load_file(str(model / "model.safetensors")).items()
+               if k.endswith("input_layernorm.weight")}
+        assert len(norms) == len(src) == 2
+        assert not all(np.allclose(np.asarray(t.data), src[f"model.layers.{t.name.split('.')[1]}.input_layernorm.weight"].numpy())
+                       for t in norms)  # the gains were tuned
+
+
+def test_decoder_norm_steps_without_data_is_refused(tmp_path, capsys):
+    model, chat = _bpe_llama_and_chat(tmp_path)
+    rc = _exit_code(["quantize", "--model", str(model), "--scheme", "int4", "--eval", str(chat), "--norm-steps", "5",
+                     "--output", str(tmp_path / "q")])
+    assert rc == 2 and "--norm-steps" in capsys.readouterr().err

@@ -125,7 +125,8 @@ def gguf_tensor(hf_name: str, w: torch.Tensor, config: Any, names: Any) -> tuple
 
 
 def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, *, quant: str = "f16",
-               embedding_quant: str = "auto", pre_tokenizer: str | None = None, name: str = "model") -> dict[str, Any]:
+               embedding_quant: str = "auto", pre_tokenizer: str | None = None, name: str = "model",
+               prequantized: dict[str, tuple[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Write a ``LlamaForCausalLM`` and its tokenizer to one GGUF file.
 
     Args:
@@ -136,6 +137,9 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, *, quan
         embedding_quant: the token embedding's type (``auto``: :func:`embedding_type`).
         pre_tokenizer: llama.cpp pre-tokenizer name (None: read from the tokenizer).
         name: ``general.name``.
+        prequantized: HF weight name -> (type, raw GGUF blocks of shape (rows, bytes per row), in HF's
+            row order), written as given instead of ``quant`` (GPTQ's Q4_0 codes:
+            :mod:`slimtune.compress.quant.gptq`).
 
     Returns:
         What was written: types per tensor kind, block fallbacks, tokenizer keys, seconds.
@@ -150,7 +154,14 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, *, quan
     emb = embedding_type(quant, embedding_quant)
     types: dict[str, int] = {}
     fallbacks: dict[str, str] = {}
+    pre = prequantized or {}
     for hf_name, w in _tensors(model):
+        if hf_name in pre:  # the rows permute like the weight's (permute_rope moves whole rows)
+            kind, blocks = pre[hf_name]
+            new, raw = gguf_tensor(hf_name, torch.from_numpy(blocks), cfg, names)
+            writer.add_tensor(new, raw.numpy(), raw_dtype=QTYPES[kind])
+            types[kind] = types.get(kind, 0) + 1
+            continue
         new, w = gguf_tensor(hf_name, w, cfg, names)
         want = "f32" if w.ndim < 2 else emb if new in ("token_embd.weight", "output.weight") else quant
         data, used = encode(w.numpy(), want)

@@ -5,7 +5,11 @@ only where a kernel computes with the codes. The candidates for a scheme:
 
 - int8: ``llama.cpp-q8_0`` (the model written as GGUF Q8_0, run by llama.cpp) and ``torch-int8``
   (per-channel symmetric codes on ``torch._weight_int8pack_mm``);
-- int4: ``llama.cpp-q4_0``, ``llama.cpp-q4_k_m`` (f16 GGUF requantized by llama.cpp's own
+- int4: ``llama.cpp-q4_0-gptq`` with calibration data (``--calib``, else ``--train``): Q4_0 codes
+  GPTQ-rounded layer by layer (:mod:`slimtune.compress.quant.gptq`), then ``--norm-steps`` of
+  norm tuning against the fp32 model (:mod:`slimtune.compress.quant.norm_tune`), the same file
+  format and kernel as plain Q4_0; without calibration ``llama.cpp-q4_0`` (round to nearest);
+  ``llama.cpp-q4_k_m`` (f16 GGUF requantized by llama.cpp's own
   ``llama_model_quantize``) and ``torch-int4`` (group-wise codes on
   ``torch._weight_int4pack_mm_for_cpu``; ``--group-size`` 32/64/128/256 that divides every
   matrix: 576-wide SmolLM2 takes 32 or 64).
@@ -40,7 +44,9 @@ from slimtune.compress.quant.api import (
     config_to_dict,
     quantize_,
 )
+from slimtune.compress.quant.gptq import gptq_quantize_decoder, pack_q4_0
 from slimtune.compress.quant.kernels import to_kernels
+from slimtune.compress.quant.norm_tune import DEFAULT_NORM_LR, DEFAULT_NORM_STEPS, tune_norms
 from slimtune.compress.quant.settings import QuantizeError, QuantizeSettings, candidate_names
 from slimtune.compress.quant.storage import save_quantized
 from slimtune.config.fields import save_settings
@@ -120,13 +126,34 @@ def _llamacpp_requantize(src: Path, dst: Path, kind: str) -> None:
         raise RuntimeError(f"llama_model_quantize {kind} failed on {src}")
 
 
-def build(name: str, model: Any, tok: Any, work: Path, group_size: int | None) -> _Cand:
+def build_gptq(model: Any, tok: Any, path: Path, calib: TokenizedData, norm_steps: int, norm_lr: float,
+               seed: int = 0) -> dict[str, Any]:
+    """GPTQ Q4_0 of a copy of ``model`` (+ norm tuning against ``model``) written to ``path``; what was done."""
+    q = copy.deepcopy(model)
+    g = gptq_quantize_decoder(q, calib.input_ids)
+    tuned = tune_norms(q, model, calib, steps=norm_steps, lr=norm_lr, seed=seed) if norm_steps else None
+    pre = {k: ("q4_0", pack_q4_0(codes, scales)) for k, (codes, scales) in g["codes"].items()}
+    info = write_gguf(q.eval(), tok, path, quant="q4_0", prequantized=pre)
+    errs = list(g["output_error"].values())
+    info["gptq"] = {"sequences": g["sequences"], "tokens": g["tokens"], "seconds": g["seconds"],
+                    "mean_output_error": {"round_to_nearest": sum(e[0] for e in errs) / len(errs),
+                                          "gptq": sum(e[1] for e in errs) / len(errs)}}
+    info["norm_tuning"] = tuned
+    return info
+
+
+def build(name: str, model: Any, tok: Any, work: Path, group_size: int | None, calib: TokenizedData | None = None,
+          norm_steps: int = 0, norm_lr: float = DEFAULT_NORM_LR) -> _Cand:
     """Build one candidate (GGUF file in ``work``, or the quantized torch module)."""
     backend, kind = name.split("-", 1)
     t0 = time.perf_counter()
     if backend == "llama.cpp":
         path = work / f"{kind}.gguf"
-        if kind == "q4_k_m":
+        if kind == "q4_0-gptq":
+            if calib is None:
+                raise QuantizeError(f"{name}: needs calibration data (--calib or --train)")
+            info = build_gptq(model, tok, path, calib, norm_steps, norm_lr)
+        elif kind == "q4_k_m":
             write_gguf(model, tok, work / "f16.gguf", quant="f16")
             _llamacpp_requantize(work / "f16.gguf", path, kind)
             info = {"made_by": "slimtune export f16, then llama.cpp llama_model_quantize Q4_K_M"}
@@ -177,13 +204,16 @@ def run_decoder_quantize(s: QuantizeSettings) -> dict[str, Any]:
     tok = load_tokenizer(str(src))
     model = load_model(str(src), "causal-lm").eval()
     data = eval_data(s.eval, tok, s.max_length or 256, s.max_eval_samples)
+    calib = eval_data(s.calibration_file(), tok, s.max_length or 256, s.calib_samples)
+    norm_steps = (DEFAULT_NORM_STEPS if calib is not None else 0) if s.norm_steps is None else s.norm_steps
     prompt = _speed_prompt(tok, s.seq_len)
     fp32 = _Cand("fp32", "torch", runnable=model)
     fp32.metrics["size_mb"] = weights_size_mb(src)
     out = Path(str(s.output))
     with atomic_dir(out) as tmp, _work_dir(out) as work_name:
         work = Path(work_name)
-        cands = [build(n, model, tok, work, s.group_size) for n in candidate_names(s.scheme, s.backend)]
+        cands = [build(n, model, tok, work, s.group_size, calib, norm_steps, s.norm_lr)
+                 for n in candidate_names(s.scheme, s.backend, calibrated=calib is not None)]
         opened = {c.name: _open(c, s.threads, len(prompt) + s.new_tokens + 8) for c in cands if c.backend == "llama.cpp"}
         runners = {c.name: (llamacpp_runner(opened[c.name], prompt) if c.name in opened else torch_runner(c.runnable, prompt))
                    for c in (fp32, *cands)}

@@ -65,8 +65,10 @@ class QuantizeSettings:
     max_perplexity_increase: float | None = setting(None, "Causal LMs: percent the perplexity on --eval may rise over fp32 (None: 5); the fastest decoder within it is written.", ge=0, metavar="PCT")
     new_tokens: int = setting(64, "Causal LMs: greedy tokens generated per speed run (bs 1, a --seq-len-token prompt).", ge=2)
     export_dequantized: bool = setting(False, "int4/nf4/kmeans: also write OUTPUT/dequantized/ (a plain float HF folder).")
-    calib: str | None = setting(None, "int8: texts for the mixed-precision search (labels unused; None: --train, else --eval).")
-    calib_samples: int = setting(256, "int8: calibration rows for the mixed-precision search.", ge=1)
+    calib: str | None = setting(None, "int8: texts for the mixed-precision search (labels unused; None: --train, else --eval). Causal LMs, int4: chat/instruction JSONL or text for GPTQ and norm tuning (None: --train; neither: plain q4_0 rounding).")
+    calib_samples: int = setting(256, "int8: calibration rows for the mixed-precision search; causal LMs: GPTQ calibration rows (and norm-tuning examples).", ge=1)
+    norm_steps: int | None = setting(None, "Causal LMs, int4: steps tuning only the RMSNorm gains of the GPTQ Q4_0 candidate against the fp32 model (KD on the calibration answers; the 4-bit codes stay). None: 60 with calibration data.", ge=0)
+    norm_lr: float = setting(1e-3, "Causal LMs: learning rate of the norm tuning.", gt=0)
     qat_steps: int = setting(0, "int4/nf4/kmeans: fake-quant recovery fine-tune steps on --train before quantizing (0: post-training only).", ge=0)
     train: str | None = setting(None, "Labelled training file for --qat-steps (and int8 calibration); pipeline: data.train.")
     qat_lr: float = setting(2e-5, "Learning rate of the recovery fine-tune.", gt=0)
@@ -107,13 +109,14 @@ class QuantizeSettings:
             if check_model:
                 self._check_output()
             validate_decoder(self)
-            for flag, path in (("--eval", self.eval), ("--train", self.train)):
+            for flag, path in (("--eval", self.eval), ("--train", self.train), ("--calib", self.calib)):
                 check_file(flag, path)
             return
         if check_model:
             self._check_model_and_output()
-        if self.backend == "llama.cpp" or self.max_perplexity_increase is not None:
-            flag = "--backend llama.cpp" if self.backend == "llama.cpp" else "--max-perplexity-increase"
+        if self.backend == "llama.cpp" or self.max_perplexity_increase is not None or self.norm_steps is not None:
+            flag = ("--backend llama.cpp" if self.backend == "llama.cpp" else "--max-perplexity-increase"
+                    if self.max_perplexity_increase is not None else "--norm-steps")
             raise QuantizeError(f"{flag}: applies to causal LMs; {self.model} is a classifier")
         cfg = self.weight_config()
         self._check_combinations(cfg)
@@ -142,6 +145,10 @@ class QuantizeSettings:
                     else "; ".join(f"{b}: {why}" for b, why in reasons.items()))
             raise QuantizeError(f"--scheme int8 {_describe(cfg)}: no int8 backend runs these settings ({gaps})")
 
+    def calibration_file(self) -> str | None:
+        """Causal LMs: the file GPTQ and norm tuning read (``--calib``, else ``--train``)."""
+        return self.calib or self.train
+
     def is_decoder(self) -> bool:
         """Whether ``--model`` is a causal-LM folder (read from its config.json; no weights)."""
         return bool(self.model) and is_causal_lm_folder(self.model)
@@ -163,10 +170,15 @@ class QuantizeSettings:
         check_output(out, overwrite=self.overwrite)
 
 
-def candidate_names(scheme: str, backend: str) -> list[str]:
-    """The candidates ``--scheme``/``--backend`` ask for (llama.cpp ones only when it is installed)."""
-    names = {"int8": ["llama.cpp-q8_0", "torch-int8"], "int4": ["llama.cpp-q4_0", "llama.cpp-q4_1", "llama.cpp-q4_k_m",
-                                                              "torch-int4"]}[scheme]
+def candidate_names(scheme: str, backend: str, calibrated: bool = False) -> list[str]:
+    """The candidates ``--scheme``/``--backend`` ask for (llama.cpp ones only when it is installed).
+
+    With calibration data int4's Q4_0 is GPTQ-rounded (``llama.cpp-q4_0-gptq``: the same file format
+    and kernel as plain rounding, less error), else rounded to nearest (``llama.cpp-q4_0``). Q4_1 is
+    not a candidate: its GGUFs of vocabulary-pruned SmolLM2 were broken (docs/quantization.md).
+    """
+    q4_0 = "llama.cpp-q4_0-gptq" if calibrated else "llama.cpp-q4_0"
+    names = {"int8": ["llama.cpp-q8_0", "torch-int8"], "int4": [q4_0, "llama.cpp-q4_k_m", "torch-int4"]}[scheme]
     if backend != "auto":
         names = [n for n in names if n.startswith(backend + "-")]
     if not llamacpp_available():
@@ -182,7 +194,7 @@ def validate_decoder(s: QuantizeSettings) -> None:
     if s.backend not in ("auto", "torch", "llama.cpp"):
         raise QuantizeError(f"--backend {s.backend}: a causal LM runs on torch kernels or llama.cpp (auto: measure both)")
     given = [f for f, v in (("--granularity", s.granularity), ("--bits", s.bits), ("--symmetric", s.symmetric),
-                            ("--calib", s.calib), ("--export-dequantized", s.export_dequantized or None),
+                            ("--export-dequantized", s.export_dequantized or None),
                             ("--qat-steps", s.qat_steps or None), ("--min-sqnr", s.min_sqnr_db),
                             ("--max-accuracy-drop", s.max_accuracy_drop)) if v is not None]
     if given:
@@ -190,6 +202,8 @@ def validate_decoder(s: QuantizeSettings) -> None:
                             f"is --max-perplexity-increase)")
     if s.group_size is not None and s.group_size not in (32, 64, 128, 256):
         raise QuantizeError(f"--group-size {s.group_size}: torch's int4 kernel takes 32, 64, 128 or 256")
+    if s.norm_steps and not (s.calib or s.train):
+        raise QuantizeError("--norm-steps: needs --calib or --train (the answers the norms are tuned on)")
     if not candidate_names(s.scheme, s.backend):
         raise QuantizeError(f"--backend {s.backend}: llama-cpp-python is not installed (scripts/install.sh builds it)")
 
