@@ -70,3 +70,21 @@ def make_bpe_llama(out: Path, *, layers: int = 2, hidden: int = 64, heads: int =
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def assert_llamacpp_logits_close(gguf_path: Path, model: object, ids: list[int]) -> None:
+    """llama.cpp's logits on ``gguf_path`` within 5% of max of ``model``'s, arg-max agreeing on >= 90%."""
+    import numpy as np
+    import torch
+
+    from slimtune.runtime.llamacpp import LlamaCppModel
+
+    lm = LlamaCppModel(gguf_path, n_threads=1, logits_all=True)
+    try:
+        got = lm.logits(ids)
+    finally:
+        lm.close()
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers_export import make_bpe_llama
+from helpers_export import assert_llamacpp_logits_close, make_bpe_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimtune.cli.main import main
@@ -179,20 +179,10 @@ def test_llama_cpp_greedy_tokens_equal_transformers(quant: str, bpe_llama: Path,
 
 @needs_llamacpp
 def test_llama_cpp_q8_0_logits_close(bpe_llama: Path, tmp_path: Path) -> None:
-    from slimtune.runtime.llamacpp import LlamaCppModel
-
     info = export(bpe_llama, tmp_path / "g", "--format", "gguf", "--quant", "q8_0")
     model, tok = load(bpe_llama)
     ids = prompt_ids(tok, PROMPT)
-    lm = LlamaCppModel(tmp_path / "g" / "model.gguf", n_threads=1, logits_all=True)
-    try:
-        got = lm.logits(ids)
-    finally:
-        lm.close()
-    with torch.inference_mode():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    assert_llamacpp_logits_close(tmp_path / "g" / "model.gguf", model, ids)
     assert info["check"]["passed"] and info["check"]["logits"]["argmax_agree"] >= 0.9
 
 

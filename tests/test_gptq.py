@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers_export import make_bpe_llama
+from helpers_export import assert_llamacpp_logits_close, make_bpe_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimtune.compress.quant.gptq import Q4_0_BLOCK, gptq_q4_0, gptq_quantize_decoder, pack_q4_0
@@ -90,7 +90,6 @@ def test_decoder_gptq_writes_q4_0_grid_weights_and_lowers_layer_error(bpe_llama:
 @needs_llamacpp
 def test_llama_cpp_runs_the_gptq_codes_like_torch(bpe_llama: Path, tmp_path: Path) -> None:
     """Rows of q/k are permuted for llama.cpp's RoPE with their codes: logits agree with torch's."""
-    from slimtune.runtime.llamacpp import LlamaCppModel
 
     model = AutoModelForCausalLM.from_pretrained(bpe_llama).eval()
     tok = AutoTokenizer.from_pretrained(bpe_llama)
@@ -99,12 +98,4 @@ def test_llama_cpp_runs_the_gptq_codes_like_torch(bpe_llama: Path, tmp_path: Pat
     info = write_gguf(model, tok, tmp_path / "m.gguf", quant="q4_0", embedding_quant="f32", prequantized=pre)
     assert info["tensor_types"]["q4_0"] == 14
     ids = tok("The quick brown fox jumps over the lazy dog. Is 12 + 30 = 42?")["input_ids"]
-    lm = LlamaCppModel(tmp_path / "m.gguf", n_threads=1, logits_all=True)
-    try:
-        got = lm.logits(ids)
-    finally:
-        lm.close()
-    with torch.inference_mode():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    assert_llamacpp_logits_close(tmp_path / "m.gguf", model, ids)

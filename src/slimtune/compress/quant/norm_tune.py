@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slimtune.compress.prune.decoder_kd import decoder_kd_loss_fn
-from slimtune.data.datasets import TokenizedData
+from slimtune.data.datasets import TokenizedData, collate
 
 DEFAULT_NORM_STEPS = 60
 DEFAULT_NORM_LR = 1e-3
@@ -29,18 +29,6 @@ NORM_BATCH = 8
 def norm_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The (name, gain) of every norm module of the model (RMSNorm / LayerNorm weights)."""
     return [(n, p) for n, p in model.named_parameters() if "norm" in n.rsplit(".", 2)[-2].lower()]
-
-
-def _batch(data: TokenizedData, idx: list[int]) -> dict[str, torch.Tensor]:
-    seqs = [data.input_ids[i] for i in idx]
-    labels = [data.token_labels[i] if data.token_labels is not None else data.input_ids[i] for i in idx]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(idx), T), data.pad_id, dtype=torch.long)
-    lab = torch.full((len(idx), T), -100, dtype=torch.long)
-    att = torch.zeros((len(idx), T), dtype=torch.long)
-    for b, (s, y) in enumerate(zip(seqs, labels, strict=True)):
-        ids[b, :len(s)], lab[b, :len(y)], att[b, :len(s)] = torch.tensor(s), torch.tensor(list(y)), 1
-    return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
 def tune_norms(model: nn.Module, teacher: nn.Module, data: TokenizedData, steps: int = DEFAULT_NORM_STEPS,
@@ -77,7 +65,7 @@ def tune_norms(model: nn.Module, teacher: nn.Module, data: TokenizedData, steps:
             start = (s * NORM_BATCH) % max(1, len(order) - NORM_BATCH + 1)
             for g in opt.param_groups:
                 g["lr"] = lr * (1 - s / steps)
-            loss = loss_fn(model, _batch(data, order[start:start + NORM_BATCH]))
+            loss = loss_fn(model, collate(data, order[start:start + NORM_BATCH]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
