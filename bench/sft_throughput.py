@@ -22,6 +22,7 @@ Runs (``--runs``, comma-separated):
 - ``trl-bf16``: ``bf16=True``, ``gradient_checkpointing=False``;
 - ``trl-defaults``: ``SFTConfig``'s own defaults for those two (``bf16=True`` autocast,
   ``gradient_checkpointing=True``);
+- ``slimtune-shuffled``: ``data.group_by_length=false``: random batches, as TRL draws them;
 - ``slimtune-bf16``: ``--precision bf16``;
 - ``lora-gc``: slimtune LoRA with ``--gradient-checkpointing`` (what checkpointing alone saves);
 - ``qlora``: ``--method qlora`` (NF4 base; gradient checkpointing and ``release_memory`` on: the
@@ -67,6 +68,8 @@ RUNS: dict[str, dict[str, Any]] = {
                    "what": "TRL SFTTrainer + PEFT LoRA, bf16=False, gradient_checkpointing=False, fed slimtune's tokens and labels"},
     "trl-bf16": {"kind": "trl", "bf16": True, "gc": False, "what": "TRL SFTTrainer + PEFT LoRA, bf16=True, gradient_checkpointing=False"},
     "trl-defaults": {"kind": "trl", "bf16": True, "gc": True, "what": "TRL SFTTrainer + PEFT LoRA, SFTConfig defaults (bf16 autocast, gradient checkpointing)"},
+    "slimtune-shuffled": {"kind": "slimtune", "method": "lora", "overrides": ["data.group_by_length=false"],
+                          "what": "slimtune finetune --method lora data.group_by_length=false (random batches, as TRL)"},
     "slimtune-bf16": {"kind": "slimtune", "method": "lora", "precision": "bf16", "what": "slimtune finetune --method lora --precision bf16"},
     "lora-gc": {"kind": "slimtune", "method": "lora", "gc": True, "what": "slimtune finetune --method lora --gradient-checkpointing"},
     "qlora": {"kind": "slimtune", "method": "qlora", "what": "slimtune finetune --method qlora (NF4 base; gradient checkpointing: the method's default)"},
@@ -266,7 +269,7 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "train_peak_rss": ra["train_peak_rss_mb"] / rb["train_peak_rss_mb"],
                 "heldout_loss_rel_diff": (ra["heldout_answer_loss"] - rb["heldout_answer_loss"]) / rb["heldout_answer_loss"]}
 
-    for a, b in (("slimtune", "trl"), ("slimtune", "trl-labels"), ("slimtune", "trl-defaults"),
+    for a, b in (("slimtune", "trl"), ("slimtune", "trl-labels"), ("slimtune-shuffled", "trl"), ("slimtune", "trl-defaults"),
                  ("slimtune-bf16", "trl-bf16"), ("slimtune-bf16", "trl-defaults"),
                  ("slimtune-bf16", "trl"), ("qlora", "slimtune"), ("qlora", "lora-gc"), ("qlora-heap", "slimtune"),
                  ("qlora-nogc", "slimtune"),

@@ -122,7 +122,7 @@ def test_a_kernel_that_misses_the_task_constraint_is_retried_more_accurately() -
     S.s = CompressSettings(model="m", train="t", eval="e", output="o", max_accuracy_drop=1, quant=["int4"])
     S.max_perplexity, S.min_accuracy = 2.2, 0.5
     built: list[tuple[str, dict]] = []
-    outcomes = iter([("llama.cpp-q4_0", 8.0, 0.4), ("llama.cpp-q4_1", 3.0, 0.45), ("llama.cpp-q4_k_m", 1.0, 0.6)])
+    outcomes = iter([("llama.cpp-q4_0-gptq", 8.0, 0.4), ("llama.cpp-q4_k_m", 3.0, 0.45), ("llama.cpp-q8_0", 1.0, 0.6)])
 
     def build(name: str, parent: str, settings: dict, kind: str, make: object) -> dict:
         kernel, inc, acc = next(outcomes)
@@ -138,3 +138,19 @@ def test_a_kernel_that_misses_the_task_constraint_is_retried_more_accurately() -
     gates = [st.get("max_perplexity_increase") for _, st in built]
     assert gates[0] is None and gates[1] == pytest.approx(8.0) and gates[2] == pytest.approx(3.0)  # below each miss
     assert all(st["quant"] == "int4" and st["vocab"] == "task-text" for _, st in built)
+
+
+def test_int4_children_are_gptq_calibrated_on_the_training_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """compress hands --train to quantize for int4 (GPTQ Q4_0 + norm tuning), not for int8 (q8_0 needs none)."""
+    from slimtune.pipeline import search_decoder
+    from slimtune.pipeline.search_decoder import GPTQ_ROWS, DecoderSearch
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(search_decoder, "run_quantize", lambda q: seen.setdefault(q.scheme, q))
+    S = DecoderSearch.__new__(DecoderSearch)
+    S.s = CompressSettings(model="m", train="train.jsonl", eval="e", output="o", max_accuracy_drop=1)
+    for scheme in ("int4", "int8"):
+        S._quantize_step({"path": "parent"}, scheme, 5.0)(tmp_path / scheme)
+    q4, q8 = seen["int4"], seen["int8"]
+    assert q4.calibration_file() == "train.jsonl" and q4.calib_samples == GPTQ_ROWS  # type: ignore[attr-defined]
+    assert q8.calibration_file() is None  # type: ignore[attr-defined]
