@@ -175,7 +175,8 @@ def candidate_names(scheme: str, backend: str, calibrated: bool = False) -> list
 
     With calibration data int4's Q4_0 is GPTQ-rounded (``llama.cpp-q4_0-gptq``: the same file format
     and kernel as plain rounding, less error), else rounded to nearest (``llama.cpp-q4_0``). Q4_1 is
-    not a candidate: its GGUFs of vocabulary-pruned SmolLM2 were broken (docs/quantization.md).
+    not a candidate: the packaged SmolLM2 is dequantized from Q4_1, so re-rounding a fine-tune of it
+    to Q4_1 snaps it back to the base's grid and erases the tuning (docs/quantization.md).
     """
     q4_0 = "llama.cpp-q4_0-gptq" if calibrated else "llama.cpp-q4_0"
     names = {"int8": ["llama.cpp-q8_0", "torch-int8"], "int4": [q4_0, "llama.cpp-q4_k_m", "torch-int4"]}[scheme]
