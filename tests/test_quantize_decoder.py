@@ -180,6 +180,8 @@ def test_evaluate_scores_a_quantized_decoder_as_quantize_did(tmp_path, capsys, b
     m = json.loads((tmp_path / "e.json").read_text())
     assert m["answer_perplexity"] == pytest.approx(chosen, rel=1e-4)
     assert "exact_match" in m
+    weights = [f for f in out.iterdir() if f.suffix in (".gguf", ".safetensors")]
+    assert m["size_mb"] == pytest.approx(sum(f.stat().st_size for f in weights) / 1e6) and m["size_mb"] > 0
 
 
 @needs_llamacpp

@@ -94,11 +94,11 @@ class _AtomicDir:
 def weights_size_mb(model_dir: str | os.PathLike) -> float:
     """Size on disk (MB, 1e6 bytes) of the weight files in ``model_dir``.
 
-    Counts ``*.safetensors``, ``*.onnx`` and ``*.bin`` files in the folder itself (not
-    checkpoints or sub-folders): the bytes a user must ship to serve the model.
+    Counts ``*.safetensors``, ``*.onnx`` (+ external ``*.data``), ``*.bin`` and ``*.gguf`` files in
+    the folder itself (not checkpoints or sub-folders): the bytes a user must ship to serve the model.
     """
     total = 0
     for p in Path(model_dir).iterdir():
-        if p.is_file() and p.suffix in (".safetensors", ".onnx", ".bin", ".data"):
+        if p.is_file() and p.suffix in (".safetensors", ".onnx", ".bin", ".data", ".gguf"):
             total += p.stat().st_size
     return total / 1e6

@@ -87,10 +87,6 @@ def _gguf_params(d: str) -> int:
     return sum(int(t.n_elements) for f in Path(d).glob("*.gguf") for t in GGUFReader(f).tensors)
 
 
-def _size_mb(d: str, gguf: bool) -> float:
-    return sum(p.stat().st_size for p in Path(d).glob("*.gguf")) / 1e6 if gguf else weights_size_mb(d)
-
-
 def _make_runners(model: Any, tok: Any, bs: int, seq: int, new_tokens: int) -> tuple[Any, Any]:
     """Runners of a torch model, or of a llama.cpp one (batch 1)."""
     ids = prompt_batch(tok, bs, seq)
@@ -119,7 +115,7 @@ def bench_decoders(models: dict[str, str], *, batch_sizes: list[int] | tuple[int
         stored = Path(d).is_dir()
         rows[n] = {"path": str(d), "kind": ("gguf" if n in gguf else model_kind(d)) if stored else "alias",
                    "params": (_gguf_params(d) if n in gguf else count_stored_params(d)) if stored else None,
-                   "size_mb": _size_mb(d, n in gguf) if stored else None, "latency": []}
+                   "size_mb": weights_size_mb(d) if stored else None, "latency": []}
     for t in threads:
         set_threads(t)
         loaded: dict[str, tuple[Any, Any]] = {}

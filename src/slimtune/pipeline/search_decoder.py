@@ -44,7 +44,7 @@ from slimtune.compress.quant.settings import QuantizeSettings
 from slimtune.config.fields import RecipeError, save_settings
 from slimtune.data.chat import is_chat_data, load_chat
 from slimtune.evaluate.evaluator import run_evaluate
-from slimtune.io import atomic_write_json
+from slimtune.io import atomic_write_json, weights_size_mb
 from slimtune.pipeline.search import CompressSettings, Search, finish_with
 from slimtune.runtime.generate import load_for_generation, prompt_ids
 from slimtune.runtime.gguf_folder import is_gguf_folder, open_gguf_folder
@@ -53,12 +53,6 @@ PROBE_TOKENS = 16  # greedy tokens of the quick speed probe that steers the sear
 MAX_KERNEL_TRIES = 3  # quantized children of one parent and scheme, each more accurate than the last
 SPEED_TOKENS = 64  # greedy tokens per round of the final side-by-side bench
 GPTQ_ROWS = 128  # int4 children: GPTQ calibration rows from --train (quantize's default is 256; 128 is ~3x quicker)
-
-
-def decoder_size_mb(d: str | Path) -> float:
-    """Weights on disk (MB): the GGUF file of a GGUF folder, else the safetensors files."""
-    p = Path(d)
-    return sum(f.stat().st_size for f in p.iterdir() if f.is_file() and f.suffix in (".safetensors", ".gguf")) / 1e6
 
 
 def check_decoder_settings(s: CompressSettings) -> int:
@@ -140,7 +134,7 @@ class DecoderSearch(Search):
         probe = self.speed({name: str(d)}, PROBE_TOKENS, 2)[name]
         q = json.loads((d / "metrics.json").read_text()) if (d / "quantize.yaml").is_file() else {}
         kernel = q.get("backend_candidate")
-        return {"kind": "gguf" if is_gguf_folder(d) else "hf", "size_mb": decoder_size_mb(d), "kernel": kernel,
+        return {"kind": "gguf" if is_gguf_folder(d) else "hf", "size_mb": weights_size_mb(d), "kernel": kernel,
                 "kernel_increase_pct": (q.get("candidates", {}).get(kernel) or {}).get("perplexity_increase_pct"),
                 "accuracy": ev.get("exact_match"), "answer_perplexity": ev.get("answer_perplexity"),
                 "label_accuracy": ev.get("accuracy"), "params": ev.get("params"),
@@ -238,7 +232,7 @@ def run_decoder_compress(s: CompressSettings, log: Any = None) -> dict[str, Any]
     S.min_accuracy = ref["exact_match"] - s.max_accuracy_drop / 100
     S.max_perplexity = ref["answer_perplexity"] * (1 + s.max_perplexity_increase / 100)
     S.record("input", parent=None, settings={"layers": n_layers, "vocab": "full", "quant": "none"}, status="ok",
-             path=str(s.model), role="input", kind="hf", size_mb=decoder_size_mb(s.model), params=ref.get("params"),
+             path=str(s.model), role="input", kind="hf", size_mb=weights_size_mb(s.model), params=ref.get("params"),
              accuracy=ref["exact_match"], answer_perplexity=ref["answer_perplexity"],
              label_accuracy=ref.get("accuracy"), backend="torch")
     S.say(f"input exact match {ref['exact_match']:.4f}, answer perplexity {ref['answer_perplexity']:.4f}; constraint: "
@@ -278,4 +272,4 @@ def run_decoder_compress(s: CompressSettings, log: Any = None) -> dict[str, Any]
     return summary
 
 
-__all__ = ["DecoderSearch", "check_decoder_settings", "decoder_size_mb", "run_decoder_compress"]
+__all__ = ["DecoderSearch", "check_decoder_settings", "run_decoder_compress"]
