@@ -180,17 +180,22 @@ class TextStream:
 # --------------------------------------------------------------------------------------------
 
 
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Token ids that end an answer: the generation config's EOS ids and the tokenizer's."""
+def id_set(*values: Any) -> set[int]:
+    """The token ids in ``values``, each an id, a list of ids or None (how configs spell ``eos_token_id``)."""
     ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    for v in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
-              tokenizer.eos_token_id):
+    for v in values:
         if isinstance(v, int):
             ids.add(v)
         elif isinstance(v, (list, tuple)):
             ids.update(int(x) for x in v)
     return ids
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end an answer: the generation config's EOS ids and the tokenizer's."""
+    gen = getattr(model, "generation_config", None)
+    return id_set(getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+                  tokenizer.eos_token_id)
 
 
 def forward_last(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -29,24 +29,16 @@ import numpy as np
 import torch
 
 from slimtune.models.loading import ModelError
+from slimtune.runtime.generate import id_set
 from slimtune.serve.lm_backend import DecoderBackend
 
 
 def folder_eos_ids(folder: Path, tokenizer: Any) -> set[int]:
     """End-of-answer ids of a GGUF folder: ``generation_config.json``'s, ``config.json``'s and the tokenizer's
     (the ids :func:`slimtune.runtime.generate.eos_ids` gives the torch backend)."""
-    ids: set[int] = set()
-    values: list[Any] = [tokenizer.eos_token_id]
-    for name in ("generation_config.json", "config.json"):
-        p = folder / name
-        if p.is_file():
-            values.append(json.loads(p.read_text(encoding="utf-8")).get("eos_token_id"))
-    for v in values:
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, (list, tuple)):
-            ids.update(int(x) for x in v)
-    return ids
+    configs = [folder / n for n in ("generation_config.json", "config.json")]
+    return id_set(tokenizer.eos_token_id,
+                  *(json.loads(p.read_text(encoding="utf-8")).get("eos_token_id") for p in configs if p.is_file()))
 
 
 class LlamaCppDecoder(DecoderBackend):
