@@ -217,3 +217,19 @@ def test_decoder_norm_steps_without_data_is_refused(tmp_path, capsys):
     rc = _exit_code(["quantize", "--model", str(model), "--scheme", "int4", "--eval", str(chat), "--norm-steps", "5",
                      "--output", str(tmp_path / "q")])
     assert rc == 2 and "--norm-steps" in capsys.readouterr().err
+
+
+def test_decoder_quantize_takes_a_model_alias(tmp_path, monkeypatch):
+    """``--model smollm2`` (an alias, not a folder) is quantized from the alias's local folder (it
+    once failed after loading the weights, sizing a folder named ``smollm2``)."""
+    from slimtune.models import loading
+
+    model, chat = _bpe_llama_and_chat(tmp_path)
+    monkeypatch.setitem(loading.ALIASES, "smollm2", lambda: model)  # the alias, pointed at the tiny Llama
+    monkeypatch.setitem(loading._CHEAP_CHECKS, "smollm2", lambda: model)
+    monkeypatch.chdir(tmp_path)  # no folder named like the alias here
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", "smollm2", "--scheme", "int8", "--backend", "torch", "--eval", str(chat),
+                 "--output", str(out), "--seq-len", "16", "--new-tokens", "4", "--repeats", "1"]) == 0
+    fp32 = json.loads((out / "metrics.json").read_text())["fp32"]
+    assert fp32["size_mb"] == pytest.approx((model / "model.safetensors").stat().st_size / 1e6)

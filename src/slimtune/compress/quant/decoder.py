@@ -63,7 +63,7 @@ from slimtune.evaluate.llamacpp import llamacpp_perplexity
 from slimtune.evaluate.metrics import evaluate_causal_lm
 from slimtune.export.gguf import GGUF_FILE, write_gguf
 from slimtune.io import atomic_dir, atomic_write_json, weights_size_mb
-from slimtune.models.loading import load_model, load_tokenizer
+from slimtune.models.loading import load_model, load_tokenizer, resolve
 from slimtune.runtime.gguf_folder import GGUF_SIDECAR
 from slimtune.runtime.llamacpp import LlamaCppModel
 
@@ -199,7 +199,7 @@ def score(c: _Cand, data: TokenizedData, threads: int) -> None:
 def run_decoder_quantize(s: QuantizeSettings) -> dict[str, Any]:
     """Build, score and time every candidate; write the fastest within the perplexity gate."""
     set_threads(s.threads)
-    src, gate = Path(s.model), s.max_perplexity_increase
+    src, gate = Path(resolve(s.model)), s.max_perplexity_increase  # an alias (smollm2) is its local folder
     gate = DEFAULT_MAX_PPL_INCREASE if gate is None else gate
     tok = load_tokenizer(str(src))
     model = load_model(str(src), "causal-lm").eval()
@@ -208,7 +208,8 @@ def run_decoder_quantize(s: QuantizeSettings) -> dict[str, Any]:
     norm_steps = (DEFAULT_NORM_STEPS if calib is not None else 0) if s.norm_steps is None else s.norm_steps
     prompt = _speed_prompt(tok, s.seq_len)
     fp32 = _Cand("fp32", "torch", runnable=model)
-    fp32.metrics["size_mb"] = weights_size_mb(src)
+    fp32.metrics["size_mb"] = weights_size_mb(src) if src.is_dir() else \
+        sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 1e6  # a hub id
     out = Path(str(s.output))
     with atomic_dir(out) as tmp, _work_dir(out) as work_name:
         work = Path(work_name)
